@@ -1,0 +1,43 @@
+/*
+ * Helpers shared by the C files of the native core; not part of the cffi
+ * interface (build_native.py only reads vb.h).
+ */
+#ifndef VB_INTERNAL_H
+#define VB_INTERNAL_H
+
+#include <stdarg.h>
+#include <stdio.h>
+
+#include "vb.h"
+
+/* The balloon and the discard engine work in 4 KiB pages whatever the host
+ * page size: virtio 1.x 5.5.6 "the page size is 4096 bytes" for PFNs
+ * (VIRTIO_BALLOON_PFN_SHIFT in linux/include/uapi/linux/virtio_balloon.h). */
+#define VB_PAGE_SHIFT 12
+#define VB_PAGE_SIZE ((uint64_t)1 << VB_PAGE_SHIFT)
+#define VB_MAX_REGIONS 32
+
+/* Values of vb_region.discard_method. */
+#define VB_DISCARD_UNTRIED 0
+#define VB_DISCARD_FALLOCATE 1
+#define VB_DISCARD_MADVISE 2
+
+__attribute__((format(printf, 3, 4)))
+static inline void vb_seterr(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+
+    if (err == NULL || errlen == 0) {
+        return;
+    }
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+}
+
+/* Index of the region holding guest-physical address gpa, or -1.  Regions
+ * are kept sorted by gpa (vb_mem_add inserts in order), so this is a binary
+ * search. */
+int vb_mem_find_gpa(const vb_mem *mem, uint64_t gpa);
+
+#endif

@@ -1,0 +1,443 @@
+"""Python face of the native core (csrc/): guest memory, virtqueues, discard.
+
+This is the only module that imports the cffi extension; the rest of the
+project uses the classes below and never sees a cdata.
+
+Threading: cffi releases the GIL during every C call.  ``GuestMemory.discard``
+and ``discard_range`` may run in a worker thread while the event loop pops
+and pushes on virtqueues; they only write the per-region discard fields.
+Adding, removing or clearing regions must not overlap any other call (the
+server serialises them with a lock).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vhostballoon._native import ffi, lib
+
+# Balloon PFNs are 4 KiB page numbers whatever the host page size
+# (virtio 1.x 5.5.6; VIRTIO_BALLOON_PFN_SHIFT in linux/include/uapi/linux/virtio_balloon.h).
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+_ERRLEN = 512
+_DISCARD_METHODS = {0: "untried", 1: "fallocate", 2: "madvise"}
+
+
+class NativeError(Exception):
+    """An operation of the native core was refused."""
+
+
+class MemoryTableError(NativeError, ValueError):
+    """A memory region was rejected or not found."""
+
+
+class RingError(NativeError):
+    """A virtqueue is malformed, or cannot be set up where the front-end says."""
+
+
+@dataclass(frozen=True)
+class RegionInfo:
+    index: int
+    gpa: int
+    size: int
+    uaddr: int
+    mmap_offset: int
+    fd: int
+    ballooned_pages: int
+    discard_errno: int
+    discard_method: str  # "untried" | "fallocate" | "madvise"
+
+
+@dataclass
+class DiscardStats:
+    bytes_freed: int = 0
+    bytes_failed: int = 0
+    ranges: int = 0
+    syscalls: int = 0
+    pages_outside: int = 0
+    last_errno: int = 0
+    failed_region: int = -1
+
+    @classmethod
+    def _from_c(cls, st) -> DiscardStats:
+        return cls(
+            bytes_freed=st.bytes_freed,
+            bytes_failed=st.bytes_failed,
+            ranges=st.ranges,
+            syscalls=st.syscalls,
+            pages_outside=st.pages_outside,
+            last_errno=st.last_errno,
+            failed_region=st.failed_region,
+        )
+
+    def add(self, other: DiscardStats) -> None:
+        """Accumulate other's totals; its failure (if any) becomes the latest."""
+        self.bytes_freed += other.bytes_freed
+        self.bytes_failed += other.bytes_failed
+        self.ranges += other.ranges
+        self.syscalls += other.syscalls
+        self.pages_outside += other.pages_outside
+        if other.failed_region >= 0 or other.last_errno:
+            self.last_errno = other.last_errno
+            self.failed_region = other.failed_region
+
+
+class PfnArray:
+    """A batch of 4 KiB page numbers in C memory (uint32_t[capacity]).
+
+    ``n`` is how many are in use.  Kept in C so a batch of hundreds of
+    thousands of PFNs goes from the ring to the discard engine without a
+    Python list.
+    """
+
+    __slots__ = ("capacity", "n", "cdata")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"PfnArray capacity {capacity} is negative")
+        self.capacity = capacity
+        self.n = 0
+        self.cdata = ffi.new("uint32_t[]", max(capacity, 1))
+
+    @classmethod
+    def from_list(cls, pfns: Sequence[int]) -> PfnArray:
+        arr = cls(len(pfns))
+        if pfns:
+            try:
+                arr.cdata[0 : len(pfns)] = pfns
+            except OverflowError as exc:
+                raise ValueError(f"PFN does not fit in 32 bits: {exc}") from None
+        arr.n = len(pfns)
+        return arr
+
+    def tolist(self) -> list[int]:
+        return ffi.unpack(self.cdata, self.n) if self.n else []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        head = self.tolist()[:8]
+        more = ", ..." if self.n > 8 else ""
+        return f"PfnArray(n={self.n}, capacity={self.capacity}, [{', '.join(map(hex, head))}{more}])"
+
+
+@dataclass
+class BalloonUpdate:
+    changed: PfnArray       # PFNs whose state flipped, in input order
+    n_invalid: int          # PFNs outside guest memory (ignored)
+    first_invalid: int | None
+    n_unchanged: int        # already in the requested state (incl. duplicates)
+
+
+def _errbuf():
+    return ffi.new("char[]", _ERRLEN)
+
+
+def _errtext(buf) -> str:
+    return ffi.string(buf).decode("utf-8", "replace")
+
+
+class GuestMemory:
+    """The guest memory table: regions mapped MAP_SHARED, ballooned bitmaps.
+
+    The table owns the fd of every region it accepted and closes it on
+    remove_region, clear and close.
+    """
+
+    def __init__(self) -> None:
+        mem = lib.vb_mem_new()
+        if mem == ffi.NULL:
+            raise MemoryError("vb_mem_new")
+        self._mem = ffi.gc(mem, lib.vb_mem_free)
+        # Bumped whenever a mapping goes away, so a Virtqueue set up before
+        # refuses to touch its (now dangling) ring pointers.
+        self._unmap_generation = 0
+
+    # -- lifetime --------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap every region and close its fd.  Idempotent."""
+        if self._mem is not None:
+            mem, self._mem = self._mem, None
+            self._unmap_generation += 1
+            ffi.release(mem)
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _table(self):
+        if self._mem is None:
+            raise NativeError("guest memory table is closed")
+        return self._mem
+
+    # -- regions ---------------------------------------------------------------
+
+    def add_region(self, fd: int, gpa: int, size: int, uaddr: int, mmap_offset: int) -> None:
+        """Map fd[mmap_offset, +size) as guest-physical [gpa, +size).
+
+        On success the table owns fd; on MemoryTableError the caller still
+        does (and must close it).
+        """
+        mem = self._table()
+        for name, value in (("gpa", gpa), ("size", size), ("uaddr", uaddr), ("mmap_offset", mmap_offset)):
+            if not 0 <= value < 1 << 64:
+                raise MemoryTableError(f"region {name} {value:#x} is not a 64-bit unsigned value")
+        if not 0 <= fd < 1 << 31:
+            raise MemoryTableError(f"region gpa {gpa:#x}: bad fd {fd}")
+        err = _errbuf()
+        if lib.vb_mem_add(mem, fd, gpa, size, uaddr, mmap_offset, err, _ERRLEN) < 0:
+            raise MemoryTableError(_errtext(err))
+
+    def remove_region(self, gpa: int, size: int) -> None:
+        mem = self._table()
+        if not (0 <= gpa < 1 << 64 and 0 <= size < 1 << 64):
+            raise MemoryTableError(f"no region with gpa {gpa:#x} size {size:#x}")
+        err = _errbuf()
+        if lib.vb_mem_remove(mem, gpa, size, err, _ERRLEN) < 0:
+            raise MemoryTableError(_errtext(err))
+        self._unmap_generation += 1
+
+    def clear(self) -> None:
+        lib.vb_mem_clear(self._table())
+        self._unmap_generation += 1
+
+    @property
+    def regions(self) -> list[RegionInfo]:
+        mem = self._table()
+        out = []
+        for i in range(mem.nregions):
+            r = mem.regions[i]
+            out.append(
+                RegionInfo(
+                    index=i,
+                    gpa=r.gpa,
+                    size=r.size,
+                    uaddr=r.uaddr,
+                    mmap_offset=r.mmap_offset,
+                    fd=r.fd,
+                    ballooned_pages=r.ballooned_pages,
+                    discard_errno=r.discard_errno,
+                    discard_method=_DISCARD_METHODS.get(r.discard_method, str(r.discard_method)),
+                )
+            )
+        return out
+
+    @property
+    def total_bytes(self) -> int:
+        mem = self._table()
+        return sum(mem.regions[i].size for i in range(mem.nregions))
+
+    @property
+    def ballooned_pages(self) -> int:
+        mem = self._table()
+        return sum(mem.regions[i].ballooned_pages for i in range(mem.nregions))
+
+    def allocated_bytes(self) -> int:
+        """Host memory really backing guest RAM, as the kernel counts it.
+
+        Sums st_blocks * 512 over the distinct files behind the regions
+        (two regions in one memfd count once).  It measures whole files,
+        including parts no region maps, and a file that st_blocks does not
+        describe (e.g. a MAP_SHARED /dev/zero) counts as 0.
+        """
+        mem = self._table()
+        seen = set()
+        total = 0
+        for i in range(mem.nregions):
+            st = os.fstat(mem.regions[i].fd)
+            key = (st.st_dev, st.st_ino)
+            if key not in seen:
+                seen.add(key)
+                total += st.st_blocks * 512
+        return total
+
+    def translate(self, gpa: int, length: int) -> int | None:
+        """Host address of [gpa, gpa+length) if it lies in one region."""
+        if not (0 <= gpa < 1 << 64 and 0 <= length < 1 << 64):
+            return None
+        p = lib.vb_mem_gpa_to_host(self._table(), gpa, length)
+        return None if p == ffi.NULL else int(ffi.cast("uintptr_t", p))
+
+    # -- balloon -----------------------------------------------------------------
+
+    def balloon_update(self, pfns: PfnArray, inflate: bool) -> BalloonUpdate:
+        """Mark pfns ballooned (inflate) or not; report which ones flipped."""
+        mem = self._table()
+        changed = PfnArray(pfns.n)
+        counts = ffi.new("uint32_t[3]")  # n_invalid, first_invalid, n_unchanged
+        changed.n = lib.vb_balloon_update(
+            mem, pfns.cdata, pfns.n, 1 if inflate else 0, changed.cdata, counts, counts + 1, counts + 2
+        )
+        n_invalid = counts[0]
+        return BalloonUpdate(
+            changed=changed,
+            n_invalid=n_invalid,
+            first_invalid=counts[1] if n_invalid else None,
+            n_unchanged=counts[2],
+        )
+
+    # -- discard -----------------------------------------------------------------
+
+    def discard(self, pfns: PfnArray) -> DiscardStats:
+        """Free the host memory behind pfns.  Blocking; sorts pfns in place."""
+        mem = self._table()
+        st = ffi.new("vb_discard_stats *")
+        lib.vb_discard_pfns(mem, pfns.cdata, pfns.n, st)
+        return DiscardStats._from_c(st)
+
+    def discard_range(self, gpa: int, length: int) -> DiscardStats:
+        """Free [gpa, gpa+length): page aligned, inside one region.  Blocking."""
+        mem = self._table()
+        if not (0 <= gpa < 1 << 64 and 0 <= length < 1 << 64):
+            raise ValueError(f"range gpa {gpa:#x} length {length:#x} is not 64-bit")
+        st = ffi.new("vb_discard_stats *")
+        lib.vb_discard_range(mem, gpa, length, st)
+        return DiscardStats._from_c(st)
+
+
+class Virtqueue:
+    """Device side of one split virtqueue carrying le32 PFN arrays.
+
+    Owns its PFN and head buffers: the PfnArray returned by pop_pfns is one
+    of them, valid only until the next pop_pfns on this queue.
+    """
+
+    def __init__(self, index: int, max_pfns: int = 65536, max_heads: int = 1024) -> None:
+        if max_pfns < 1 or max_heads < 1 or max_heads > 1 << 16:
+            raise ValueError(f"queue {index}: max_pfns {max_pfns} / max_heads {max_heads} out of range")
+        self.index = index
+        self._vq = ffi.new("vb_vq *")
+        self._pfns = PfnArray(max_pfns)
+        self._heads = ffi.new("uint16_t[]", max_heads)
+        self._max_heads = max_heads
+        self._n_pfns = ffi.new("uint32_t *")
+        self._mem: GuestMemory | None = None
+        self._generation = -1
+
+    def _fail(self, message: str) -> RingError:
+        return RingError(f"queue {self.index}: {message}")
+
+    def _check_mapped(self) -> None:
+        """Refuse to use ring pointers whose mapping may have gone away."""
+        if not self._vq.ready:
+            raise self._fail("not set up")
+        mem = self._mem
+        if mem is None or mem._mem is None or mem._unmap_generation != self._generation:
+            raise self._fail("guest memory was unmapped since setup; set the queue up again")
+
+    def setup(
+        self,
+        mem: GuestMemory,
+        num: int,
+        desc_uaddr: int,
+        avail_uaddr: int,
+        used_uaddr: int,
+        base: int,
+        event_idx: bool,
+        indirect: bool,
+    ) -> None:
+        """Point the queue at its rings (front-end addresses) in mem."""
+        self._vq.ready = 0
+        for name, value in (("desc", desc_uaddr), ("avail", avail_uaddr), ("used", used_uaddr)):
+            if not 0 <= value < 1 << 64:
+                raise self._fail(f"{name} ring address {value:#x} is not 64-bit")
+        if not 0 <= num < 1 << 32:
+            raise self._fail(f"ring size {num} is not a power of two in 1..32768")
+        if not 0 <= base < 1 << 16:
+            raise self._fail(f"base {base} is not a 16-bit ring index")
+        err = _errbuf()
+        rc = lib.vb_vq_setup(
+            self._vq, mem._table(), num, desc_uaddr, avail_uaddr, used_uaddr, base,
+            1 if event_idx else 0, 1 if indirect else 0, err, _ERRLEN,
+        )
+        if rc < 0:
+            raise self._fail(_errtext(err))
+        self._mem = mem
+        self._generation = mem._unmap_generation
+
+    @property
+    def ready(self) -> bool:
+        """setup() succeeded.  Stays True when a region is unmapped later (so
+        last_avail_idx is still meaningful); the queue then raises RingError
+        until it is set up again."""
+        return bool(self._vq.ready)
+
+    @property
+    def last_avail_idx(self) -> int:
+        return self._vq.last_avail_idx
+
+    @property
+    def used_idx(self) -> int:
+        return self._vq.used_idx
+
+    @property
+    def num(self) -> int:
+        return self._vq.num
+
+    def pop_pfns(self, mem: GuestMemory) -> tuple[list[int], PfnArray]:
+        """Pop every whole buffer available now (within this queue's limits).
+
+        Returns (heads, pfns); pfns is this queue's own buffer, overwritten
+        by the next pop_pfns.  Buffers that do not fit stay for the next
+        call.  On RingError nothing is consumed.
+        """
+        self._check_mapped()
+        if mem is not self._mem:
+            raise self._fail("pop_pfns with a different memory table than setup")
+        err = _errbuf()
+        pfns = self._pfns
+        count = lib.vb_vq_pop_pfns(
+            self._vq, mem._mem, pfns.cdata, pfns.capacity, self._n_pfns,
+            self._heads, self._max_heads, err, _ERRLEN,
+        )
+        if count < 0:
+            pfns.n = 0
+            raise self._fail(_errtext(err))
+        pfns.n = self._n_pfns[0]
+        heads = ffi.unpack(self._heads, count) if count else []
+        return heads, pfns
+
+    def push_used(self, heads: Sequence[int], lens: Sequence[int] | None = None) -> None:
+        """Return buffers to the driver (len = bytes written, 0 by default)."""
+        self._check_mapped()
+        n = len(heads)
+        if n == 0:
+            return
+        num = self._vq.num
+        if n > num:
+            raise ValueError(f"queue {self.index}: {n} used elements exceed ring size {num}")
+        bad = [h for h in heads if not 0 <= h < num]
+        if bad:
+            raise ValueError(f"queue {self.index}: head {bad[0]} out of range (ring size {num})")
+        c_lens = ffi.NULL
+        if lens is not None:
+            if len(lens) != n:
+                raise ValueError(f"queue {self.index}: {n} heads but {len(lens)} lens")
+            c_lens = ffi.new("uint32_t[]", list(lens))
+        lib.vb_vq_push_used(self._vq, ffi.new("uint16_t[]", list(heads)), c_lens, n)
+
+    def should_signal(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last one."""
+        self._check_mapped()
+        return bool(lib.vb_vq_should_signal(self._vq))
+
+    def pending(self) -> int:
+        """Available buffers not popped yet."""
+        self._check_mapped()
+        n = lib.vb_vq_pending(self._vq)
+        if n < 0:
+            avail_idx = ffi.cast("uint16_t *", self._vq.avail)[1]  # le16, x86 and arm64 hosts
+            last = self._vq.last_avail_idx
+            raise self._fail(
+                f"avail idx {avail_idx} is {(avail_idx - last) & 0xFFFF} ahead of "
+                f"last_avail_idx {last} (ring size {self._vq.num})"
+            )
+        return n
