@@ -1,0 +1,31 @@
+"""structlog set-up: readable key=value lines by default, JSON for machines."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def configure_logging(fmt: str = "console", level: str = "info", stream=None) -> None:
+    """Configure structlog once for the process. ``fmt`` is "console" or "json"."""
+    stream = stream or sys.stderr
+    renderer: structlog.typing.Processor
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer()
+    elif fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=False)
+    else:
+        raise ValueError(f"unknown log format {fmt!r} (console or json)")
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
