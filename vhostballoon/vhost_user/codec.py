@@ -1,0 +1,775 @@
+"""vhost-user messages on the wire: typed payloads, ``encode`` and a decoder.
+
+A message is a 12-byte header (u32 request, u32 flags, u32 body size, all in
+native byte order) and a body. Each payload type below knows its bytes
+(``construct`` structs); one table per direction says, for every request,
+which payload type its body is, whether its size is fixed, and which fds may
+come with it. The decoder applies that table to every message before anyone
+sees it, so a handler only ever receives a body of exactly the right size
+with exactly the right fds.
+
+Both sides use this module. The back-end decodes requests and encodes
+replies; a front-end (tests, ``vhostballoon.testing``) does the opposite::
+
+    from vhostballoon.vhost_user.codec import MessageDecoder, encode, Empty
+    from vhostballoon.vhost_user.constants import Request
+
+    sock.sendall(encode(Request.GET_FEATURES, Empty()))
+    replies = MessageDecoder.for_replies()
+    replies.feed(sock.recv(4096))
+    reply = replies.next_message()   # Message(GET_FEATURES, flags=0x5, U64(...))
+
+File descriptors: feed each ``recvmsg`` chunk with the fds that came with
+it. On a unix stream socket the kernel hands over the fds of one
+``sendmsg`` with the chunk that holds that sendmsg's first byte, and it ends
+the chunk within that sendmsg (``unix_stream_read_generic`` stops after an
+skb that carries fds). A chunk may still *start* with the tail of earlier
+messages that had no fds. So the fds fed with a chunk belong to the LAST
+message that begins in that chunk; fds fed with a chunk in which no message
+begins are a ProtocolError. A sender must therefore send each fd-carrying
+message with its own ``sendmsg`` (QEMU does).
+
+Every fd handed to a decoder is owned by it until ``next_message`` returns
+it inside a Message (then the caller owns it); fds of a rejected message are
+closed before the error is raised, and ``close()`` closes the rest.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Union
+
+import construct as c
+
+from .constants import (
+    CONFIG_HEADER_SIZE,
+    HEADER_SIZE,
+    KNOWN_FLAGS,
+    MAX_BODY_SIZE,
+    MAX_CONFIG_SIZE,
+    MAX_FDS,
+    MAX_MEM_TABLE_REGIONS,
+    NEED_REPLY,
+    REPLY,
+    VERSION,
+    VERSION_MASK,
+    VRING_FD_INDEX_MASK,
+    VRING_FD_INVALID,
+    BackendRequest,
+    Request,
+)
+from .errors import LocalProtocolError, ProtocolError
+
+__all__ = [
+    "ConfigSpace",
+    "Direction",
+    "Empty",
+    "FdRule",
+    "MemoryRegion",
+    "MemoryTable",
+    "Message",
+    "MessageDecoder",
+    "MessageSpec",
+    "Payload",
+    "Raw",
+    "SingleMemoryRegion",
+    "U64",
+    "VringAddr",
+    "VringFd",
+    "VringState",
+    "close_fds",
+    "encode",
+    "encode_payload",
+]
+
+# -- wire structs (spec "Message Specification"; all numbers native-endian) ---
+
+_HEADER = c.Struct("request" / c.Int32un, "flags" / c.Int32un, "size" / c.Int32un)
+_U64 = c.Struct("value" / c.Int64un)
+_VRING_STATE = c.Struct("index" / c.Int32un, "num" / c.Int32un)
+# spec "A vring address description". Its table shows a "size" column, but no
+# such field exists: struct vhost_vring_addr is index, flags, then 4 u64s.
+_VRING_ADDR = c.Struct(
+    "index" / c.Int32un,
+    "flags" / c.Int32un,
+    "desc" / c.Int64un,
+    "used" / c.Int64un,
+    "avail" / c.Int64un,
+    "log" / c.Int64un,
+)
+_MEMORY_REGION = c.Struct(
+    "gpa" / c.Int64un, "size" / c.Int64un, "uaddr" / c.Int64un, "mmap_offset" / c.Int64un
+)
+_MEMORY_TABLE = c.Struct(
+    "nregions" / c.Int32un,
+    "padding" / c.Int32un,
+    "regions" / c.Array(c.this.nregions, _MEMORY_REGION),
+)
+_SINGLE_MEMORY_REGION = c.Struct("padding" / c.Int64un, "region" / _MEMORY_REGION)
+_CONFIG = c.Struct(
+    "offset" / c.Int32un, "size" / c.Int32un, "flags" / c.Int32un, "data" / c.Bytes(c.this.size)
+)
+
+_MEMORY_REGION_SIZE = _MEMORY_REGION.sizeof()  # 32
+_MEMORY_TABLE_HEADER_SIZE = 8  # u32 nregions + u32 padding
+
+
+# -- payloads -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Empty:
+    """No body (size 0)."""
+
+    fixed_size: ClassVar[int | None] = 0
+
+    def to_bytes(self) -> bytes:
+        return b""
+
+    @classmethod
+    def from_bytes(cls, name: str, body: bytes) -> Empty:
+        return cls()
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A body this layer does not interpret (requests it refuses anyway, or
+    crafted malformed input in tests)."""
+
+    data: bytes
+    fixed_size: ClassVar[int | None] = None
+
+    def to_bytes(self) -> bytes:
+        return bytes(self.data)
+
+    @classmethod
+    def from_bytes(cls, name: str, body: bytes) -> Raw:
+        return cls(body)
+
+
+@dataclass(frozen=True)
+class U64:
+    """spec "A single 64-bit integer"."""
+
+    value: int
+    fixed_size: ClassVar[int | None] = 8
+
+    def to_bytes(self) -> bytes:
+        return _U64.build({"value": self.value})
+
+    @classmethod
+    def from_bytes(cls, name: str, body: bytes) -> U64:
+        return cls(_U64.parse(body).value)
+
+
+@dataclass(frozen=True)
+class VringState:
+    """spec "A vring state description" (also the vring base index)."""
+
+    index: int
+    num: int
+    fixed_size: ClassVar[int | None] = 8
+
+    def to_bytes(self) -> bytes:
+        return _VRING_STATE.build({"index": self.index, "num": self.num})
+
+    @classmethod
+    def from_bytes(cls, name: str, body: bytes) -> VringState:
+        parsed = _VRING_STATE.parse(body)
+        return cls(parsed.index, parsed.num)
+
+
+@dataclass(frozen=True)
+class VringAddr:
+    """spec "A vring address description" (user addresses of the ring parts)."""
+
+    index: int
+    flags: int
+    desc: int
+    used: int
+    avail: int
+    log: int
+    fixed_size: ClassVar[int | None] = 40
+
+    def to_bytes(self) -> bytes:
+        return _VRING_ADDR.build(
+            {
+                "index": self.index,
+                "flags": self.flags,
+                "desc": self.desc,
+                "used": self.used,
+                "avail": self.avail,
+                "log": self.log,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, name: str, body: bytes) -> VringAddr:
+        p = _VRING_ADDR.parse(body)
+        return cls(p.index, p.flags, p.desc, p.used, p.avail, p.log)
+
+
+@dataclass(frozen=True)
+class VringFd:
+    """The u64 of SET_VRING_KICK/CALL/ERR: bits 0-7 queue index, bit 8 "no fd
+    attached" (spec SET_VRING_KICK). Other bits are reserved and refused."""
+
+    index: int
+    invalid: bool = False
+    fixed_size: ClassVar[int | None] = 8
+
+    def to_bytes(self) -> bytes:
+        if not 0 <= self.index <= VRING_FD_INDEX_MASK:
+            raise LocalProtocolError(f"vring index {self.index} does not fit bits 0-7")
+        value = self.index | (VRING_FD_INVALID if self.invalid else 0)
+        return _U64.build({"value": value})
+
+    @classmethod
+    def from_bytes(cls, name: str, body: bytes) -> VringFd:
+        value = _U64.parse(body).value
+        reserved = value & ~(VRING_FD_INDEX_MASK | VRING_FD_INVALID)
+        if reserved:
+            raise ProtocolError(
+                f"{name}: reserved bits {reserved:#x} set in {value:#x} "
+                "(only bits 0-7 index and bit 8 no-fd are defined)"
+            )
+        return cls(value & VRING_FD_INDEX_MASK, bool(value & VRING_FD_INVALID))
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """spec "Memory region description": guest physical address, size, the
+    front-end's user address, and the offset of the region in its fd."""
+
+    gpa: int
+    size: int
+    uaddr: int
+    mmap_offset: int
+
+    def _as_dict(self) -> dict[str, int]:
+        return {"gpa": self.gpa, "size": self.size, "uaddr": self.uaddr, "mmap_offset": self.mmap_offset}
+
+    @classmethod
+    def _from_container(cls, p: c.Container) -> MemoryRegion:
+        return cls(p.gpa, p.size, p.uaddr, p.mmap_offset)
+
+
+@dataclass(frozen=True)
+class MemoryTable:
+    """spec "Multiple Memory regions description": u32 nregions, u32 padding,
+    then exactly nregions regions of 32 bytes (QEMU sends no more)."""
+
+    regions: tuple[MemoryRegion, ...]
+    fixed_size: ClassVar[int | None] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "regions", tuple(self.regions))
+
+    def to_bytes(self) -> bytes:
+        return _MEMORY_TABLE.build(
+            {
+                "nregions": len(self.regions),
+                "padding": 0,
+                "regions": [r._as_dict() for r in self.regions],
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, name: str, body: bytes) -> MemoryTable:
+        if len(body) < _MEMORY_TABLE_HEADER_SIZE:
+            raise ProtocolError(
+                f"{name}: body is {len(body)} bytes, shorter than its "
+                f"{_MEMORY_TABLE_HEADER_SIZE}-byte region count"
+            )
+        nregions = c.Int32un.parse(body[:4])
+        if nregions == 0:
+            raise ProtocolError(f"{name}: 0 regions (at least 1)")
+        if nregions > MAX_MEM_TABLE_REGIONS:
+            raise ProtocolError(f"{name}: {nregions} regions (at most {MAX_MEM_TABLE_REGIONS})")
+        expected = _MEMORY_TABLE_HEADER_SIZE + _MEMORY_REGION_SIZE * nregions
+        if len(body) != expected:
+            raise ProtocolError(
+                f"{name}: body is {len(body)} bytes, expected {expected} for {nregions} regions"
+            )
+        parsed = _MEMORY_TABLE.parse(body)
+        return cls(tuple(MemoryRegion._from_container(r) for r in parsed.regions))
+
+
+@dataclass(frozen=True)
+class SingleMemoryRegion:
+    """spec "Single memory region description": u64 padding, then a region."""
+
+    region: MemoryRegion
+    fixed_size: ClassVar[int | None] = 40
+
+    def to_bytes(self) -> bytes:
+        return _SINGLE_MEMORY_REGION.build({"padding": 0, "region": self.region._as_dict()})
+
+    @classmethod
+    def from_bytes(cls, name: str, body: bytes) -> SingleMemoryRegion:
+        return cls(MemoryRegion._from_container(_SINGLE_MEMORY_REGION.parse(body).region))
+
+
+@dataclass(frozen=True)
+class ConfigSpace:
+    """spec "Virtio device config space": u32 offset, u32 size, u32 flags,
+    then ``size`` bytes. GET_CONFIG requests carry ``size`` bytes too (QEMU
+    sends zeros there); ``data`` must always be ``size`` bytes long."""
+
+    offset: int
+    size: int
+    flags: int
+    data: bytes
+    fixed_size: ClassVar[int | None] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", bytes(self.data))
+        if len(self.data) != self.size:
+            raise LocalProtocolError(
+                f"ConfigSpace: size {self.size} but {len(self.data)} bytes of data"
+            )
+
+    def to_bytes(self) -> bytes:
+        return _CONFIG.build(
+            {"offset": self.offset, "size": self.size, "flags": self.flags, "data": self.data}
+        )
+
+    @classmethod
+    def from_bytes(cls, name: str, body: bytes) -> ConfigSpace:
+        if len(body) < CONFIG_HEADER_SIZE:
+            raise ProtocolError(
+                f"{name}: body is {len(body)} bytes, shorter than the "
+                f"{CONFIG_HEADER_SIZE}-byte config header"
+            )
+        size = c.Int32un.parse(body[4:8])
+        if size > MAX_CONFIG_SIZE:
+            raise ProtocolError(f"{name}: config size {size} (at most {MAX_CONFIG_SIZE})")
+        expected = CONFIG_HEADER_SIZE + size
+        if len(body) != expected:
+            raise ProtocolError(
+                f"{name}: body is {len(body)} bytes, expected {expected} "
+                f"({CONFIG_HEADER_SIZE} + config size {size})"
+            )
+        p = _CONFIG.parse(body)
+        return cls(p.offset, p.size, p.flags, p.data)
+
+
+Payload = Union[
+    Empty, Raw, U64, VringState, VringAddr, VringFd, MemoryTable, SingleMemoryRegion, ConfigSpace
+]
+
+
+def encode_payload(payload: Payload) -> bytes:
+    """The body bytes of ``payload``."""
+    try:
+        return payload.to_bytes()
+    except AttributeError:
+        raise LocalProtocolError(f"not a vhost-user payload: {payload!r}") from None
+    except (c.ConstructError, OverflowError, ValueError, TypeError) as exc:
+        raise LocalProtocolError(f"cannot encode {payload!r}: {exc}") from exc
+
+
+# -- messages -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    """One decoded message. ``request`` is a Request or BackendRequest member;
+    ``fds`` are owned by whoever received the Message."""
+
+    request: int
+    flags: int
+    payload: Payload
+    fds: tuple[int, ...] = ()
+
+    @property
+    def need_reply(self) -> bool:
+        return bool(self.flags & NEED_REPLY)
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.flags & REPLY)
+
+    @property
+    def size(self) -> int:
+        """The body size (the decoder checked it equals the header's)."""
+        return len(encode_payload(self.payload))
+
+    @property
+    def name(self) -> str:
+        return getattr(self.request, "name", str(self.request))
+
+
+def encode(
+    request: int,
+    payload: Payload | None = None,
+    *,
+    flags: int = VERSION,
+    reply: bool = False,
+    need_reply: bool = False,
+) -> bytes:
+    """Header + body of one message.
+
+    ``reply`` sets the REPLY flag (back-end replies, front-end replies on the
+    back-end channel); ``need_reply`` sets NEED_REPLY. The payload type is not
+    checked against the request, so tests can build malformed messages.
+    """
+    body = encode_payload(Empty() if payload is None else payload)
+    if reply:
+        flags |= REPLY
+    if need_reply:
+        flags |= NEED_REPLY
+    try:
+        header = _HEADER.build({"request": int(request), "flags": flags, "size": len(body)})
+    except (c.ConstructError, OverflowError) as exc:
+        raise LocalProtocolError(f"cannot encode header of request {request}: {exc}") from exc
+    return header + body
+
+
+# -- the wire tables -------------------------------------------------------------
+
+
+class FdRule(enum.Enum):
+    """How many fds may come with a message."""
+
+    NONE = "none"
+    ONE = "exactly 1"
+    OPTIONAL = "0 or 1"
+    PER_REGION = "1 per memory region"
+    VRING_FILE = "1, or none when the no-fd bit is set"
+    ANY = f"up to {MAX_FDS}"
+
+
+@dataclass(frozen=True)
+class MessageSpec:
+    """What a message's body and fds must be. The size is ``payload.fixed_size``
+    when that is not None, else computed by ``payload.from_bytes`` (memory
+    table: 8 + 32 * nregions; config: 12 + size). ``empty_ok``: a 0-byte body
+    is also accepted and decodes as Empty (GET_CONFIG's failure reply)."""
+
+    payload: type
+    fds: FdRule = FdRule.NONE
+    empty_ok: bool = False
+
+
+_NO_BODY = MessageSpec(Empty)
+_U64_BODY = MessageSpec(U64)
+_STATE_BODY = MessageSpec(VringState)
+_VRING_FILE_BODY = MessageSpec(VringFd, FdRule.VRING_FILE)
+_UNINTERPRETED = MessageSpec(Raw, FdRule.ANY)
+
+# Front-end -> back-end requests (spec "Front-end message types").
+REQUEST_SPECS: Mapping[Request, MessageSpec] = {
+    Request.GET_FEATURES: _NO_BODY,
+    Request.SET_FEATURES: _U64_BODY,
+    Request.SET_OWNER: _NO_BODY,
+    Request.RESET_OWNER: _NO_BODY,
+    Request.SET_MEM_TABLE: MessageSpec(MemoryTable, FdRule.PER_REGION),
+    Request.SET_VRING_NUM: _STATE_BODY,
+    Request.SET_VRING_ADDR: MessageSpec(VringAddr),
+    Request.SET_VRING_BASE: _STATE_BODY,
+    Request.GET_VRING_BASE: _STATE_BODY,
+    Request.SET_VRING_KICK: _VRING_FILE_BODY,
+    Request.SET_VRING_CALL: _VRING_FILE_BODY,
+    Request.SET_VRING_ERR: _VRING_FILE_BODY,
+    Request.GET_PROTOCOL_FEATURES: _NO_BODY,
+    Request.SET_PROTOCOL_FEATURES: _U64_BODY,
+    Request.GET_QUEUE_NUM: _NO_BODY,
+    Request.SET_VRING_ENABLE: _STATE_BODY,
+    Request.SET_BACKEND_REQ_FD: MessageSpec(Empty, FdRule.ONE),  # QEMU: size 0, 1 fd
+    Request.GET_CONFIG: MessageSpec(ConfigSpace),
+    Request.SET_CONFIG: MessageSpec(ConfigSpace),
+    Request.RESET_DEVICE: _NO_BODY,
+    Request.GET_MAX_MEM_SLOTS: _NO_BODY,
+    Request.ADD_MEM_REG: MessageSpec(SingleMemoryRegion, FdRule.ONE),
+    # spec REM_MEM_REG: no fd SHOULD be passed; the back-end MAY accept one
+    # and MUST then close it unused.
+    Request.REM_MEM_REG: MessageSpec(SingleMemoryRegion, FdRule.OPTIONAL),
+    Request.SET_STATUS: _U64_BODY,
+    Request.GET_STATUS: _NO_BODY,
+}
+# Everything else is read whole (up to MAX_BODY_SIZE and MAX_FDS) so that the
+# connection can refuse it by name.
+REQUEST_SPECS = {r: REQUEST_SPECS.get(r, _UNINTERPRETED) for r in Request}
+
+# Back-end -> front-end replies, by the request they answer. A request without
+# a reply of its own is answered (when NEED_REPLY asks) by a u64 ack.
+REPLY_SPECS: Mapping[Request, MessageSpec] = {
+    Request.GET_VRING_BASE: _STATE_BODY,
+    # spec GET_CONFIG: "zero length of payload to indicate an error"
+    Request.GET_CONFIG: MessageSpec(ConfigSpace, empty_ok=True),
+    # Replies this layer does not model (postcopy, inflight, device state,
+    # shared objects, ...): read whole.
+    Request.SET_LOG_BASE: _UNINTERPRETED,
+    Request.CREATE_CRYPTO_SESSION: _UNINTERPRETED,
+    Request.POSTCOPY_ADVISE: _UNINTERPRETED,
+    Request.GET_INFLIGHT_FD: _UNINTERPRETED,
+    Request.GET_SHARED_OBJECT: _UNINTERPRETED,
+    Request.SET_DEVICE_STATE_FD: _UNINTERPRETED,
+    Request.GET_SHMEM_CONFIG: _UNINTERPRETED,
+}
+REPLY_SPECS = {r: REPLY_SPECS.get(r, _U64_BODY) for r in Request}
+
+# Back-end -> front-end requests on the back-end channel (spec "Back-end
+# message types").
+BACKEND_REQUEST_SPECS: Mapping[BackendRequest, MessageSpec] = {
+    BackendRequest.IOTLB_MSG: MessageSpec(Raw),
+    BackendRequest.CONFIG_CHANGE_MSG: _NO_BODY,
+    BackendRequest.VRING_HOST_NOTIFIER_MSG: MessageSpec(Raw, FdRule.OPTIONAL),
+    BackendRequest.VRING_CALL: _STATE_BODY,
+    BackendRequest.VRING_ERR: _STATE_BODY,
+    BackendRequest.SHARED_OBJECT_ADD: MessageSpec(Raw),
+    BackendRequest.SHARED_OBJECT_REMOVE: MessageSpec(Raw),
+    BackendRequest.SHARED_OBJECT_LOOKUP: MessageSpec(Raw),
+}
+
+# Front-end -> back-end replies on the back-end channel: a u64 (QEMU
+# backend_read: payload.u64 = !!ret, size 8; LOOKUP may add a dma-buf fd).
+BACKEND_REPLY_SPECS: Mapping[BackendRequest, MessageSpec] = {
+    r: MessageSpec(U64, FdRule.OPTIONAL if r is BackendRequest.SHARED_OBJECT_LOOKUP else FdRule.NONE)
+    for r in BackendRequest
+}
+
+
+class Direction(enum.Enum):
+    """Which stream a decoder reads."""
+
+    REQUESTS = "front-end requests"  # read by the back-end
+    REPLIES = "back-end replies"  # read by the front-end
+    BACKEND_REQUESTS = "back-end channel requests"  # read by the front-end
+    BACKEND_REPLIES = "back-end channel replies"  # read by the back-end
+
+
+_DIRECTION_TABLES: dict[Direction, tuple[type, Mapping, bool]] = {
+    # direction: (request enum, spec table, carries replies)
+    Direction.REQUESTS: (Request, REQUEST_SPECS, False),
+    Direction.REPLIES: (Request, REPLY_SPECS, True),
+    Direction.BACKEND_REQUESTS: (BackendRequest, BACKEND_REQUEST_SPECS, False),
+    Direction.BACKEND_REPLIES: (BackendRequest, BACKEND_REPLY_SPECS, True),
+}
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close each fd, ignoring ones already closed."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _count(n: int, what: str = "fd") -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+@dataclass
+class _FdChunk:
+    start: int  # stream offset of the chunk's first byte
+    end: int  # stream offset just past its last byte
+    fds: tuple[int, ...]
+
+
+class MessageDecoder:
+    """Bytes and fds in, whole validated :class:`Message` objects out.
+
+    One decoder reads one direction (see :class:`Direction`); use the
+    ``for_*`` constructors. After a ProtocolError the decoder has closed every
+    fd it held and raises again on every call.
+    """
+
+    def __init__(self, direction: Direction = Direction.REQUESTS) -> None:
+        self._direction = direction
+        self._kinds, self._specs, self._replies = _DIRECTION_TABLES[direction]
+        self._buffer = bytearray()
+        self._offset = 0  # stream offset of _buffer[0]
+        self._fd_chunks: deque[_FdChunk] = deque()
+        self._error: ProtocolError | None = None
+        self._closed = False
+
+    @classmethod
+    def for_requests(cls) -> MessageDecoder:
+        """Front-end requests, as the back-end reads them."""
+        return cls(Direction.REQUESTS)
+
+    @classmethod
+    def for_replies(cls) -> MessageDecoder:
+        """The back-end's replies, as a front-end reads them."""
+        return cls(Direction.REPLIES)
+
+    @classmethod
+    def for_backend_requests(cls) -> MessageDecoder:
+        """Back-end channel requests, as a front-end reads them."""
+        return cls(Direction.BACKEND_REQUESTS)
+
+    @classmethod
+    def for_backend_replies(cls) -> MessageDecoder:
+        """The front-end's replies on the back-end channel, as the back-end reads them."""
+        return cls(Direction.BACKEND_REPLIES)
+
+    @property
+    def direction(self) -> Direction:
+        return self._direction
+
+    @property
+    def has_partial_message(self) -> bool:
+        """True if bytes of an unfinished message are buffered (an EOF now
+        would cut a message short)."""
+        return bool(self._buffer)
+
+    def feed(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Add one received chunk and the fds that came with it (the decoder
+        now owns them)."""
+        fds = tuple(fds)
+        if self._closed:
+            close_fds(fds)
+            raise LocalProtocolError("feed() after close()")
+        if self._error is not None:
+            close_fds(fds)
+            raise ProtocolError(str(self._error))
+        if fds and not data:
+            close_fds(fds)
+            raise LocalProtocolError("fds fed without data (the kernel passes fds only with bytes)")
+        if len(fds) > MAX_FDS:
+            self._fail_with(ProtocolError(f"{len(fds)} fds arrived with one chunk (at most {MAX_FDS})"), fds)
+        start = self._offset + len(self._buffer)
+        self._buffer += data
+        if fds:
+            self._fd_chunks.append(_FdChunk(start, start + len(data), fds))
+
+    def next_message(self) -> Message | None:
+        """The next whole message, or None if more bytes are needed."""
+        if self._closed:
+            raise LocalProtocolError("next_message() after close()")
+        if self._error is not None:
+            raise ProtocolError(str(self._error))
+        try:
+            return self._next_message()
+        except ProtocolError as exc:
+            self._fail_with(exc)
+
+    def close(self) -> None:
+        """Close every fd still held. Idempotent."""
+        self._closed = True
+        self._close_held()
+
+    # -- internals --
+
+    def _close_held(self) -> None:
+        while self._fd_chunks:
+            close_fds(self._fd_chunks.popleft().fds)
+        self._buffer.clear()
+
+    def _fail_with(self, exc: ProtocolError, extra_fds: Sequence[int] = ()):
+        close_fds(extra_fds)
+        self._error = exc
+        self._close_held()
+        raise exc
+
+    def _name(self, request: int) -> str:
+        member = self._kinds._value2member_map_.get(request)
+        label = member.name if member is not None else f"request {request}"
+        if self._kinds is BackendRequest:
+            label = f"back-end {label}"
+        return f"reply to {label}" if self._replies else label
+
+    def _next_message(self) -> Message | None:
+        if len(self._buffer) < HEADER_SIZE:
+            return None
+        header = _HEADER.parse(self._buffer[:HEADER_SIZE])
+        request, flags, size = header.request, header.flags, header.size
+        name = self._name(request)
+        version = flags & VERSION_MASK
+        if version != VERSION:
+            raise ProtocolError(f"{name}: version {version} in flags {flags:#x} (expected {VERSION})")
+        kind = self._kinds._value2member_map_.get(request)
+        if kind is None:
+            raise ProtocolError(f"unknown {name}" if not self._replies else f"{name}: unknown request")
+        unknown_bits = flags & ~KNOWN_FLAGS
+        if unknown_bits:
+            raise ProtocolError(f"{name}: unknown flag bits {unknown_bits:#x} in flags {flags:#x}")
+        if self._replies:
+            if not flags & REPLY:
+                raise ProtocolError(f"{name}: REPLY flag missing in flags {flags:#x}")
+            if flags & NEED_REPLY:
+                raise ProtocolError(f"{name}: NEED_REPLY flag set on a reply (flags {flags:#x})")
+        elif flags & REPLY:
+            raise ProtocolError(f"{name}: REPLY flag set on a request (flags {flags:#x})")
+        spec: MessageSpec = self._specs[kind]
+        fixed = spec.payload.fixed_size
+        if size > MAX_BODY_SIZE:
+            raise ProtocolError(f"{name}: body is {size} bytes (at most {MAX_BODY_SIZE})")
+        if fixed is not None and size != fixed and not (spec.empty_ok and size == 0):
+            raise ProtocolError(f"{name}: body is {size} bytes, expected {fixed}")
+        total = HEADER_SIZE + size
+        if len(self._buffer) < total:
+            return None
+        fds = self._take_fds(name, self._offset, self._offset + total)
+        try:
+            body = bytes(self._buffer[HEADER_SIZE:total])
+            if spec.empty_ok and size == 0:
+                payload: Payload = Empty()
+            else:
+                payload = spec.payload.from_bytes(name, body)
+            _check_fds(name, spec.fds, payload, len(fds))
+        except ProtocolError as exc:
+            close_fds(fds)
+            if not fds and self._fd_chunks and self._fd_chunks[0].start <= self._offset:
+                raise ProtocolError(
+                    f"{exc} (the fds fed with its first byte belong to a later message that "
+                    "begins in the same chunk: send each fd-carrying message with its own sendmsg)"
+                ) from None
+            raise
+        del self._buffer[:total]
+        self._offset += total
+        return Message(kind, flags, payload, fds)
+
+    def _take_fds(self, name: str, start: int, end: int) -> tuple[int, ...]:
+        """The fds of the message at stream offsets [start, end): those of the
+        chunk in which it is the last message to begin."""
+        taken: tuple[int, ...] = ()
+        while self._fd_chunks and self._fd_chunks[0].start < end:
+            chunk = self._fd_chunks[0]
+            if chunk.start <= start:  # the message begins in this chunk
+                if chunk.end > end:
+                    break  # a later message begins in it too: they are its fds
+                taken = self._fd_chunks.popleft().fds
+                continue
+            if chunk.end > end:
+                break  # the next message begins in this chunk
+            close_fds(taken)
+            raise ProtocolError(
+                f"{name}: {_count(len(chunk.fds))} arrived with bytes "
+                f"{chunk.start - start}..{chunk.end - start - 1} of the message, "
+                "not with its first byte"
+            )
+        return taken
+
+
+def _check_fds(name: str, rule: FdRule, payload: Payload, count: int) -> None:
+    carries = f"{name} carries {_count(count)}"
+    if rule is FdRule.NONE:
+        if count:
+            raise ProtocolError(f"{carries}, takes none")
+    elif rule is FdRule.ONE:
+        if count != 1:
+            raise ProtocolError(f"{carries}, takes exactly 1")
+    elif rule is FdRule.OPTIONAL:
+        if count > 1:
+            raise ProtocolError(f"{carries}, takes at most 1")
+    elif rule is FdRule.PER_REGION:
+        assert isinstance(payload, MemoryTable)
+        nregions = len(payload.regions)
+        if count != nregions:
+            raise ProtocolError(f"{name}: {_count(nregions, 'region')} but {_count(count)}")
+    elif rule is FdRule.VRING_FILE:
+        assert isinstance(payload, VringFd)
+        if payload.invalid and count:
+            raise ProtocolError(f"{carries} but its no-fd bit (0x100) is set")
+        if not payload.invalid and count != 1:
+            raise ProtocolError(f"{carries}, takes exactly 1 (no-fd bit not set)")
+    elif rule is FdRule.ANY:
+        pass  # at most MAX_FDS per chunk, checked by feed()
