@@ -1,0 +1,110 @@
+"""``vhostballoon``: the daemon (QEMU's vhost-user back-end program conventions)
+and ``vhostballoon demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .device.features import DEFAULT_FEATURES, feature_names
+
+DAEMON_DESCRIPTION = """\
+A vhost-user virtio-balloon back-end. QEMU connects to --socket-path (or to the
+listening socket passed with --fd) and carries the guest's balloon queues to
+this process, which frees the ballooned guest pages on the host
+(fallocate PUNCH_HOLE on the shared memfd behind guest RAM).
+
+Set the guest's target memory over the control socket:
+  vhostballoon-ctl --socket-path PATH balloon 512M --wait
+  vhostballoon-ctl --socket-path PATH query
+
+Try it without QEMU:  vhostballoon demo
+"""
+
+
+def capabilities() -> dict:
+    """What --print-capabilities prints (vhost-user.rst, backend program conventions)."""
+    return {"type": "balloon", "features": []}
+
+
+def _daemon_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vhostballoon",
+        description=DAEMON_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Subcommand: 'vhostballoon demo --help'.",
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--socket-path", metavar="PATH", help="create a unix socket at PATH and wait for QEMU on it")
+    where.add_argument("--fd", type=int, metavar="N", help="use the already listening unix socket on file descriptor N")
+    p.add_argument("--print-capabilities", action="store_true", help="print the back-end's capabilities as JSON and exit")
+    p.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="where the JSON control socket listens (default: the socket path with '.ctl' appended)",
+    )
+    p.add_argument("--log-format", choices=["console", "json"], default="console", help="log line format (default: console)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info", help="default: info")
+    p.add_argument("--version", action="version", version=f"vhostballoon {__version__}")
+    return p
+
+
+def _demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vhostballoon demo",
+        description="Run the back-end against the built-in front-end and model guest on a memfd "
+        "'guest', balloon it to half and back, and show the host's own figures.",
+    )
+    p.add_argument("--size", default="1G", help="guest RAM size (default: 1G)")
+    p.add_argument("--order", choices=["random", "linux", "sequential"], default="random", help="PFN order of the model guest")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:
+        from .demo import run_demo
+
+        args = _demo_parser().parse_args(argv[1:])
+        return run_demo(args)
+    parser = _daemon_parser()
+    args = parser.parse_args(argv)
+    if args.print_capabilities:
+        print(json.dumps(capabilities()))
+        return 0
+    if args.socket_path is None and args.fd is None:
+        parser.error("one of --socket-path PATH or --fd N is required (or --print-capabilities)")
+    return run_daemon(args)
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    import structlog
+    import trio
+
+    from .logs import configure_logging
+    from .server.daemon import StartupError, run_until_signalled
+    from .server.service import BalloonService
+
+    configure_logging(args.log_format, args.log_level)
+    log = structlog.get_logger("vhostballoon")
+    service = BalloonService(features=DEFAULT_FEATURES)
+    log.info("starting", version=__version__, features=feature_names(DEFAULT_FEATURES))
+    try:
+        return trio.run(
+            lambda: run_until_signalled(
+                socket_path=args.socket_path,
+                listen_fd=args.fd,
+                control_path=args.control_socket,
+                service=service,
+            )
+        )
+    except StartupError as exc:
+        log.error("cannot start", error=str(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""The balloon device: features, config space, target and page accounting.
+
+It never sees a message or a socket. The server feeds it typed values (the
+negotiated features, a config read or write, a batch of PFNs popped from a
+queue) and asks it what to do; freeing host memory is the discard engine's
+job (vhostballoon.native), which the server runs off the event loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import structlog
+
+from ..native import PAGE_SHIFT, PAGE_SIZE, DiscardStats, GuestMemory, PfnArray
+from .config import ACTUAL_OFFSET, CONFIG_SIZE, POISON_OFFSET, BalloonConfig, check_access
+from .features import DEFAULT_FEATURES, QueueRole, RingFeature, feature_names, queue_roles
+
+log = structlog.get_logger("vhostballoon.device")
+
+# Linux: virtio_balloon.c, VIRTIO_BALLOON_ARRAY_PFNS_MAX. A larger buffer is
+# legal for the device; we only use the number in log lines and the model.
+LINUX_PFNS_PER_BUFFER = 256
+
+
+class FeatureError(ValueError):
+    """The driver acked features the device did not offer."""
+
+
+@dataclass(frozen=True)
+class PageUpdate:
+    """What one inflate or deflate batch changed in the ballooned-page bitmap."""
+
+    role: QueueRole
+    requested: int  # PFNs the guest sent
+    changed: PfnArray  # PFNs whose state flipped (to be discarded, for inflate)
+    invalid: int  # PFNs outside guest memory: ignored, never freed
+    first_invalid: int | None
+    unchanged: int  # already in that state (inflated twice, deflated while not ballooned)
+
+
+@dataclass(frozen=True)
+class ConfigWrite:
+    old_actual: int
+    new_actual: int
+    poison_val: int
+
+    @property
+    def actual_changed(self) -> bool:
+        return self.old_actual != self.new_actual
+
+
+@dataclass
+class Counters:
+    inflate_buffers: int = 0
+    deflate_buffers: int = 0
+    pages_inflated: int = 0
+    pages_deflated: int = 0
+    invalid_pfns: int = 0
+    repeated_pfns: int = 0
+    discard: DiscardStats = field(default_factory=DiscardStats)
+    freed_measured: int = 0  # drop of the backing files' allocated bytes across our discards
+
+
+class BalloonDevice:
+    """One balloon device as seen by one front-end connection."""
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        offered_features: int = DEFAULT_FEATURES,
+        target_bytes: int | None = None,
+    ) -> None:
+        if not offered_features & RingFeature.VERSION_1:
+            raise FeatureError("the balloon must offer VERSION_1: QEMU's vhost-user test device is modern-only")
+        self.memory = memory
+        self.offered_features = offered_features
+        self.acked_features = 0
+        self.config = BalloonConfig()
+        self.target_bytes = target_bytes
+        self.counters = Counters()
+
+    # -- features and queues -------------------------------------------------
+
+    def negotiate(self, features: int) -> None:
+        extra = features & ~self.offered_features
+        if extra:
+            raise FeatureError(
+                f"driver acked feature bits {feature_names(extra)} (0x{extra:x}) that were not offered"
+            )
+        self.acked_features = features
+
+    @property
+    def roles(self) -> list[QueueRole]:
+        return queue_roles(self.acked_features or self.offered_features)
+
+    def role_of(self, index: int) -> QueueRole | None:
+        roles = self.roles
+        return roles[index] if 0 <= index < len(roles) else None
+
+    @property
+    def event_idx(self) -> bool:
+        return bool(self.acked_features & RingFeature.EVENT_IDX)
+
+    @property
+    def indirect(self) -> bool:
+        return bool(self.acked_features & RingFeature.INDIRECT_DESC)
+
+    # -- target and config space ---------------------------------------------
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.memory.total_bytes
+
+    def set_target(self, target_bytes: int | None) -> bool:
+        """Set the guest's target memory size (QMP ``balloon`` semantics).
+        Returns True when num_pages changed, i.e. the guest must be told."""
+        self.target_bytes = target_bytes
+        return self.refresh_num_pages()
+
+    def refresh_num_pages(self) -> bool:
+        """Recompute num_pages from the target and the guest RAM we know of
+        (QEMU: num_pages = (ram_size - target) >> 12, target clamped to RAM)."""
+        ram = self.ram_bytes
+        if self.target_bytes is None or ram == 0:
+            num_pages = 0
+        else:
+            num_pages = (ram - min(self.target_bytes, ram)) >> PAGE_SHIFT
+        changed = num_pages != self.config.num_pages
+        self.config.num_pages = num_pages
+        return changed
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        check_access(offset, size)
+        return self.config.pack()[offset : offset + size]
+
+    def write_config(self, offset: int, data: bytes) -> ConfigWrite:
+        """A driver write. Only ``actual`` and ``poison_val`` are taken: QEMU
+        forwards the whole struct and its num_pages may be stale."""
+        check_access(offset, len(data))
+        raw = bytearray(self.config.pack())
+        raw[offset : offset + len(data)] = data
+        written = BalloonConfig.unpack(bytes(raw))
+        old = self.config.actual
+        if offset < ACTUAL_OFFSET + 4 and offset + len(data) > ACTUAL_OFFSET:
+            self.config.actual = written.actual
+        if offset < POISON_OFFSET + 4 and offset + len(data) > POISON_OFFSET:
+            self.config.poison_val = written.poison_val
+        return ConfigWrite(old, self.config.actual, self.config.poison_val)
+
+    @property
+    def actual_bytes(self) -> int | None:
+        """Guest memory size as QMP query-balloon's ``actual`` reports it."""
+        ram = self.ram_bytes
+        if ram == 0:
+            return None
+        return max(0, ram - (self.config.actual << PAGE_SHIFT))
+
+    # -- inflate / deflate ---------------------------------------------------
+
+    def apply(self, role: QueueRole, pfns: PfnArray, buffers: int) -> PageUpdate:
+        """Record an inflate or deflate batch in the ballooned-page bitmap."""
+        if role not in (QueueRole.INFLATE, QueueRole.DEFLATE):
+            raise ValueError(f"{role.value} queue carries no PFNs")
+        inflate = role is QueueRole.INFLATE
+        result = self.memory.balloon_update(pfns, inflate=inflate)
+        changed = len(result.changed)
+        c = self.counters
+        if inflate:
+            c.inflate_buffers += buffers
+            c.pages_inflated += changed
+        else:
+            c.deflate_buffers += buffers
+            c.pages_deflated += changed
+        c.invalid_pfns += result.n_invalid
+        c.repeated_pfns += result.n_unchanged
+        update = PageUpdate(role, len(pfns), result.changed, result.n_invalid, result.first_invalid, result.n_unchanged)
+        if result.n_invalid:
+            log.warning(
+                "pfns outside guest memory ignored",
+                queue=role.value,
+                count=result.n_invalid,
+                first_pfn=hex(result.first_invalid or 0),
+                guest_ram=hex(self.ram_bytes),
+            )
+        if result.n_unchanged:
+            log.info(
+                "pfns already in that state" if inflate else "pfns deflated that were not ballooned",
+                queue=role.value,
+                count=result.n_unchanged,
+            )
+        return update
+
+    def record_discard(self, stats: DiscardStats, freed_measured: int) -> None:
+        self.counters.discard.add(stats)
+        self.counters.freed_measured += freed_measured
+
+    @property
+    def ballooned_bytes(self) -> int:
+        return self.memory.ballooned_pages * PAGE_SIZE
+
+    def describe(self) -> dict:
+        """Figures for query-balloon (names in QMP's dash style)."""
+        c = self.counters
+        return {
+            "num-pages": self.config.num_pages,
+            "actual-pages": self.config.actual,
+            "ballooned-bytes": self.ballooned_bytes,
+            "guest-ram-bytes": self.ram_bytes,
+            "features": feature_names(self.acked_features),
+            "queues": [r.value for r in self.roles],
+            "inflate-buffers": c.inflate_buffers,
+            "deflate-buffers": c.deflate_buffers,
+            "pages-inflated": c.pages_inflated,
+            "pages-deflated": c.pages_deflated,
+            "invalid-pfns": c.invalid_pfns,
+            "repeated-pfns": c.repeated_pfns,
+            "discarded-bytes": c.discard.bytes_freed,
+            "discard-failed-bytes": c.discard.bytes_failed,
+            "discard-syscalls": c.discard.syscalls,
+            "freed-bytes-measured": c.freed_measured,
+        }
+
+
+__all__ = [
+    "BalloonDevice",
+    "ConfigWrite",
+    "FeatureError",
+    "PageUpdate",
+    "CONFIG_SIZE",
+]

@@ -1,0 +1,136 @@
+"""The control socket: one JSON object per line, QMP-style.
+
+    -> {"execute": "balloon", "arguments": {"value": 536870912}}
+    <- {"return": {}}
+    -> {"execute": "query-balloon", "id": 7}
+    <- {"return": {"actual": 1073741824, ...}, "id": 7}
+    <- {"event": "BALLOON_CHANGE", "data": {"actual": 1065353216}, "timestamp": {...}}
+
+Errors are {"error": {"class": "GenericError", "desc": "..."}}. A client that
+sends garbage gets an error and may go on; one whose line grows past
+MAX_LINE is told so and disconnected; one that never reads its events is
+dropped once EVENT_BACKLOG events wait for it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import structlog
+import trio
+
+from .service import BalloonService, CommandError
+
+log = structlog.get_logger("vhostballoon.control")
+
+MAX_LINE = 64 * 1024
+SEND_TIMEOUT = 5.0  # a client that does not take a reply for this long is dropped
+
+
+def _command_balloon(service: BalloonService, args: dict[str, Any]) -> dict:
+    if set(args) != {"value"}:
+        raise CommandError(f"balloon takes exactly one argument 'value', got {sorted(args)}")
+    service.set_target(args["value"])
+    return {}
+
+
+def _command_query_balloon(service: BalloonService, args: dict[str, Any]) -> dict:
+    if args:
+        raise CommandError(f"query-balloon takes no arguments, got {sorted(args)}")
+    return service.query()
+
+
+def _command_capabilities(service: BalloonService, args: dict[str, Any]) -> dict:
+    return {}  # accepted for QMP clients' sake; there is no capability negotiation
+
+
+COMMANDS = {
+    "balloon": _command_balloon,
+    "query-balloon": _command_query_balloon,
+    "qmp_capabilities": _command_capabilities,
+}
+
+
+def execute_line(service: BalloonService, line: bytes) -> dict:
+    """One request line -> one reply object (never raises for bad input)."""
+    request_id = None
+    try:
+        try:
+            request = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CommandError(f"not a JSON object: {exc}") from None
+        if not isinstance(request, dict):
+            raise CommandError(f"expected a JSON object, got {type(request).__name__}")
+        request_id = request.get("id")
+        name = request.get("execute")
+        if not isinstance(name, str):
+            raise CommandError("missing 'execute' (a command name)")
+        handler = COMMANDS.get(name)
+        if handler is None:
+            raise CommandError(f"unknown command {name!r} (known: {', '.join(sorted(COMMANDS))})", "CommandNotFound")
+        args = request.get("arguments", {})
+        if not isinstance(args, dict):
+            raise CommandError("'arguments' must be a JSON object")
+        reply: dict[str, Any] = {"return": handler(service, args)}
+    except CommandError as exc:
+        reply = {"error": {"class": exc.qmp_class, "desc": exc.desc}}
+    if request_id is not None:
+        reply["id"] = request_id
+    return reply
+
+
+class _Client:
+    def __init__(self, stream: trio.SocketStream, service: BalloonService) -> None:
+        self.stream = stream
+        self.service = service
+        self.send_lock = trio.Lock()
+
+    async def send(self, obj: dict) -> None:
+        data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+        async with self.send_lock:
+            with trio.fail_after(SEND_TIMEOUT):
+                await self.stream.send_all(data)
+
+    async def forward_events(self, receive: trio.MemoryReceiveChannel) -> None:
+        async for event in receive:
+            await self.send(event)
+
+    async def serve(self) -> None:
+        send_channel, receive = self.service.subscribe()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.forward_events, receive)
+                await self.read_commands()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.service.unsubscribe(send_channel)
+
+    async def read_commands(self) -> None:
+        buffer = bytearray()
+        while True:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return
+            buffer += data
+            while (newline := buffer.find(b"\n")) >= 0:
+                line = bytes(buffer[:newline]).strip()
+                del buffer[: newline + 1]
+                if line:
+                    await self.send(execute_line(self.service, line))
+            if len(buffer) > MAX_LINE:
+                await self.send({"error": {"class": "GenericError", "desc": f"line longer than {MAX_LINE} bytes"}})
+                return
+
+
+async def serve_control(listener: trio.SocketListener, service: BalloonService) -> None:
+    async def handle(stream: trio.SocketStream) -> None:
+        client = _Client(stream, service)
+        try:
+            await client.serve()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
+            log.info("control client dropped", reason=type(exc).__name__)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    await trio.serve_listeners(handle, [listener])

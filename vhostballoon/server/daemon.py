@@ -1,0 +1,164 @@
+"""The daemon: a vhost-user listener (one front-end at a time), the control
+socket, and a clean exit on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import stat
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from .control import serve_control
+from .service import BalloonService
+from .session import FrontendSession
+from .transport import FdStream
+
+log = structlog.get_logger("vhostballoon.daemon")
+
+
+class StartupError(Exception):
+    """The daemon cannot start as asked (socket in use, bad --fd, ...)."""
+
+
+def _remove_stale_socket(path: str) -> None:
+    """A socket file nobody listens on is left from a previous run: remove it.
+    One somebody listens on means another back-end: refuse."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except OSError as exc:
+        raise StartupError(f"cannot probe existing socket {path}: {exc}") from exc
+    finally:
+        probe.close()
+    raise StartupError(f"{path}: another process is already listening on it")
+
+
+def bind_unix_listener(path: str, backlog: int = 4) -> socket.socket:
+    _remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {path}: {exc.strerror}") from exc
+    return sock
+
+
+def adopt_listening_fd(fd: int) -> socket.socket:
+    """--fd N: an already bound and listening unix stream socket."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise StartupError(f"--fd {fd}: not a socket ({exc.strerror})") from exc
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise StartupError(f"--fd {fd}: not a unix stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise StartupError(f"--fd {fd}: the socket is not listening")
+    os.set_inheritable(fd, False)
+    return sock
+
+
+@dataclass
+class Backend:
+    """What a started back-end tells the code that started it."""
+
+    service: BalloonService
+    socket_path: str | None
+    control_path: str | None
+
+
+async def serve_frontends(listener: socket.socket, service: BalloonService) -> None:
+    """Accept front-ends one at a time; the next is accepted when one leaves."""
+    tl = trio.socket.from_stdlib_socket(listener)
+    while True:
+        conn, _ = await tl.accept()
+        service.sessions_served += 1
+        number = service.sessions_served
+        with structlog.contextvars.bound_contextvars(frontend=number):
+            log.info("front-end connected")
+            session = FrontendSession(FdStream(conn), service, features=service.features)
+            service.session = session
+            try:
+                await session.run()
+            except Exception:  # a bug must not take the daemon down with it
+                log.exception("session failed; serving the next front-end")
+            finally:
+                service.session = None
+                log.info("front-end session ended")
+
+
+async def run_backend(
+    socket_path: str | None = None,
+    *,
+    listen_fd: int | None = None,
+    control_path: str | None = None,
+    service: BalloonService | None = None,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the back-end until cancelled. Exactly one of socket_path/listen_fd.
+    ``control_path`` None means socket_path + ".ctl"; "" disables it."""
+    if (socket_path is None) == (listen_fd is None):
+        raise StartupError("give exactly one of a socket path or a listening fd")
+    service = service or BalloonService()
+    created: list[str] = []
+    listener = bind_unix_listener(socket_path) if socket_path else adopt_listening_fd(listen_fd)
+    if socket_path:
+        created.append(socket_path)
+    if control_path is None:
+        bound = socket_path or listener.getsockname()
+        control_path = f"{bound}.ctl" if isinstance(bound, str) and bound and not bound.startswith("\0") else ""
+    control_listener = None
+    try:
+        if control_path:
+            control_sock = bind_unix_listener(control_path, backlog=16)
+            created.append(control_path)
+            control_listener = trio.SocketListener(trio.socket.from_stdlib_socket(control_sock))
+        else:
+            log.warning("no control socket (give --control-socket PATH to have one)")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_frontends, listener, service)
+            if control_listener is not None:
+                nursery.start_soon(serve_control, control_listener, service)
+            log.info("listening", socket=socket_path or f"fd {listen_fd}", control=control_path or None)
+            task_status.started(Backend(service, socket_path, control_path or None))
+    finally:
+        # Synchronous clean-up only: we may be inside a cancelled scope here,
+        # where any checkpoint would raise Cancelled and skip the unlinks.
+        listener.close()
+        if control_listener is not None:
+            control_listener.socket.close()
+        for path in created:
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("could not remove socket file", path=path, error=exc.strerror)
+
+
+async def run_until_signalled(**kwargs) -> int:
+    """The daemon's main: serve until SIGTERM or SIGINT, then exit cleanly."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: run_backend(task_status=task_status, **kwargs))
+            async for signum in signals:
+                log.info("signal received: shutting down", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    return 0

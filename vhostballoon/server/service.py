@@ -1,0 +1,101 @@
+"""What outlives a front-end connection: the operator's target, the event
+subscribers of the control socket, and which session is current."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import structlog
+import trio
+
+from ..device.features import DEFAULT_FEATURES, feature_names
+
+if TYPE_CHECKING:
+    from .session import FrontendSession
+
+log = structlog.get_logger("vhostballoon.service")
+
+# Events queued for a control client that does not read; past this it is dropped.
+EVENT_BACKLOG = 256
+
+
+class CommandError(Exception):
+    """A control command that cannot be carried out; ``qmp_class`` as QMP names it."""
+
+    def __init__(self, desc: str, qmp_class: str = "GenericError") -> None:
+        super().__init__(desc)
+        self.desc = desc
+        self.qmp_class = qmp_class
+
+
+class BalloonService:
+    def __init__(self, *, features: int = DEFAULT_FEATURES, target_bytes: int | None = None) -> None:
+        self.features = features
+        self.target_bytes = target_bytes
+        self.session: FrontendSession | None = None
+        self.sessions_served = 0
+        self._subscribers: set[trio.MemorySendChannel] = set()
+        self.last_session_figures: dict[str, Any] | None = None
+
+    # -- the operator's intent -------------------------------------------------
+
+    def set_target(self, target_bytes: int) -> None:
+        if not isinstance(target_bytes, int) or isinstance(target_bytes, bool) or target_bytes <= 0:
+            raise CommandError(f"Parameter 'value' expects a size in bytes greater than 0, got {target_bytes!r}")
+        session = self.session
+        ram = session.device.ram_bytes if session else 0
+        if ram and target_bytes > ram:
+            log.info("target above guest RAM: clamped", target=target_bytes, guest_ram=ram)
+        self.target_bytes = target_bytes
+        log.info("target set", target=target_bytes, connected=session is not None)
+        if session is not None:
+            session.set_target(target_bytes)
+
+    # -- figures -----------------------------------------------------------------
+
+    def query(self) -> dict[str, Any]:
+        session = self.session
+        result: dict[str, Any] = {
+            "actual": None,
+            "target": self.target_bytes,
+            "connected": session is not None,
+            "offered-features": feature_names(self.features),
+            "sessions-served": self.sessions_served,
+        }
+        if session is not None:
+            device = session.device
+            result["actual"] = device.actual_bytes
+            result.update(device.describe())
+            result["host-allocated-bytes"] = session.memory.allocated_bytes()
+            result["broken-queues"] = session.broken_queues()
+        return result
+
+    # -- events ------------------------------------------------------------------
+
+    def subscribe(self) -> tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel]:
+        """A channel of events; pass its send side to unsubscribe()."""
+        send, receive = trio.open_memory_channel(EVENT_BACKLOG)
+        self._subscribers.add(send)
+        return send, receive
+
+    def unsubscribe(self, send: trio.MemorySendChannel) -> None:
+        self._subscribers.discard(send)
+        send.close()
+
+    def publish(self, name: str, data: dict[str, Any]) -> None:
+        now = time.time()
+        event = {
+            "event": name,
+            "data": data,
+            "timestamp": {"seconds": int(now), "microseconds": int((now % 1) * 1_000_000)},
+        }
+        for send in list(self._subscribers):
+            try:
+                send.send_nowait(event)
+            except trio.WouldBlock:
+                log.warning("control client does not read its events: dropping it", backlog=EVENT_BACKLOG)
+                self._subscribers.discard(send)
+                send.close()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.discard(send)

@@ -1,0 +1,496 @@
+"""One front-end connection: the vhost-user conversation, the queues, the discards.
+
+The protocol itself (framing, validation, state) is the sans-I/O
+BackendConnection; this module does the I/O it asks for: mapping guest
+memory, waiting on kick eventfds, signalling call eventfds, running discards
+in a worker thread, and talking on the backend channel.
+
+Concurrency rules:
+- ``memory_lock`` is held by whoever reads the rings or changes the memory
+  table, so a discard running in a worker thread never sees its mapping go.
+- GET_CONFIG never takes that lock: a guest vCPU waits on it synchronously.
+- A popped batch is processed to the end (bitmap, discard, used ring, call)
+  before its queue can stop: there is no checkpoint between pop and push
+  other than the worker thread, which cancellation waits for.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import structlog
+import trio
+
+from ..device.balloon import BalloonDevice, FeatureError
+from ..device.config import CONFIG_SIZE, ConfigAccessError
+from ..device.features import MAX_QUEUES, QueueRole
+from ..native import GuestMemory, MemoryTableError, PfnArray, RingError, Virtqueue
+from ..vhost_user import connection as vu
+from ..vhost_user.constants import VHOST_USER_F_PROTOCOL_FEATURES, BackendRequest, ProtocolFeature
+from ..vhost_user.errors import ProtocolError
+from .transport import FdStream, TransportError, close_fds
+
+log = structlog.get_logger("vhostballoon.session")
+
+# What the balloon offers on the vhost-user level (issue 2): none of these
+# claims migration support (no LOG_SHMFD, no DEVICE_STATE, no POSTCOPY).
+PROTOCOL_FEATURES = int(
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.BACKEND_REQ
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.STATUS
+)
+MAX_MEM_SLOTS = 32  # csrc/vb.h: vb_mem holds 32 regions
+BACKEND_REPLY_TIMEOUT = 5.0  # seconds to wait for the front-end's ack of CONFIG_CHANGE_MSG
+
+
+class SessionClosed(Exception):
+    """The session ended because of bad input; the reason was logged."""
+
+
+@dataclass
+class QueueState:
+    index: int
+    vq: Virtqueue
+    num: int | None = None
+    addr: vu.VringAddrSet | None = None
+    base: int = 0
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    enabled: bool = False
+    broken: str | None = None
+    scope: trio.CancelScope | None = None
+    buffers: int = 0
+    signals: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def running(self) -> bool:
+        return self.scope is not None
+
+
+class FrontendSession:
+    def __init__(self, stream: FdStream, service, *, features: int) -> None:
+        self.stream = stream
+        self.service = service
+        self.memory = GuestMemory()
+        self.device = BalloonDevice(self.memory, features, target_bytes=service.target_bytes)
+        self.conn = vu.BackendConnection(
+            device_features=features,
+            protocol_features=PROTOCOL_FEATURES,
+            num_queues=MAX_QUEUES,
+            config_size=CONFIG_SIZE,
+            max_mem_slots=MAX_MEM_SLOTS,
+        )
+        self.queues = [QueueState(i, Virtqueue(i)) for i in range(MAX_QUEUES)]
+        self.memory_lock = trio.Lock()
+        self.backend_channel: FdStream | None = None
+        self.backend_lock = trio.Lock()
+        self.nursery: trio.Nursery | None = None
+        self._failed_regions_reported: set[int] = set()
+        self._handlers: dict[type, Callable] = {
+            vu.FeaturesSet: self._on_features,
+            vu.StatusSet: self._on_status,
+            vu.MemoryTableSet: self._on_mem_table,
+            vu.MemoryRegionAdded: self._on_region_added,
+            vu.MemoryRegionRemoved: self._on_region_removed,
+            vu.VringNumSet: self._on_vring_num,
+            vu.VringAddrSet: self._on_vring_addr,
+            vu.VringBaseSet: self._on_vring_base,
+            vu.VringBaseGet: self._on_vring_base_get,
+            vu.VringKickSet: self._on_vring_kick,
+            vu.VringCallSet: self._on_vring_call,
+            vu.VringErrSet: self._on_vring_err,
+            vu.VringEnableSet: self._on_vring_enable,
+            vu.ConfigGet: self._on_config_get,
+            vu.ConfigSet: self._on_config_set,
+            vu.BackendChannelSet: self._on_backend_channel,
+            vu.DeviceReset: self._on_reset,
+        }
+
+    # -- lifetime ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until the front-end leaves or sends bad input; always cleans up."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                try:
+                    await self._receive_loop()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for q in self.queues:
+            self._stop_worker(q)
+            for name in ("kick_fd", "call_fd", "err_fd"):
+                self._replace_fd(q, name, None)
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+            self.backend_channel = None
+        self.conn.close()
+        self.memory.close()
+        self.stream.close()
+
+    async def _receive_loop(self) -> None:
+        while True:
+            try:
+                data, fds = await self.stream.receive()
+            except TransportError as exc:
+                log.error("bad input from front-end: closing the connection", error=str(exc))
+                return
+            except OSError as exc:
+                log.warning("front-end connection failed", error=str(exc))
+                return
+            if not data:
+                close_fds(fds)
+                log.info("front-end left")
+                return
+            try:
+                self.conn.receive_data(data, fds)
+                while True:
+                    event = self.conn.next_event()
+                    await self._flush()
+                    if event is vu.NEED_DATA:
+                        break
+                    await self._dispatch(event)
+                    await self._flush()
+            except ProtocolError as exc:
+                log.error("bad input from front-end: closing the connection", error=str(exc))
+                await self._flush_quietly()
+                return
+            except SessionClosed:
+                await self._flush_quietly()
+                return
+
+    async def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out:
+            await self.stream.send(out)
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self._flush()
+        except Exception:  # the peer may be gone already; nothing to lose
+            pass
+
+    async def _dispatch(self, event) -> None:
+        handler = self._handlers.get(type(event))
+        if handler is None:  # a new event type the session does not know: refuse, visibly
+            log.error("no handler for request", event=type(event).__name__)
+            self.conn.complete(event, ok=False)
+            return
+        try:
+            payload = await handler(event)
+        except (MemoryTableError, RingError, ConfigAccessError, FeatureError) as exc:
+            log.error(
+                "request refused: closing the connection",
+                request=type(event).__name__,
+                error=str(exc),
+            )
+            self.conn.complete(event, ok=False)
+            raise SessionClosed(str(exc)) from exc
+        self.conn.complete(event, payload=payload)
+
+    # -- protocol-level notifications -------------------------------------------
+
+    async def _on_features(self, ev: vu.FeaturesSet) -> None:
+        self.device.negotiate(ev.features & ~VHOST_USER_F_PROTOCOL_FEATURES)
+        roles = {i: r.value for i, r in enumerate(self.device.roles)}
+        log.info("features negotiated", features=hex(ev.features), queue_roles=roles)
+
+    async def _on_status(self, ev: vu.StatusSet) -> None:
+        log.debug("device status", status=hex(ev.status))
+
+    # -- memory ------------------------------------------------------------------
+
+    async def _on_mem_table(self, ev: vu.MemoryTableSet) -> None:
+        pending = list(ev.regions)  # the fds not yet owned by the memory table
+        async with self.memory_lock:
+            self.memory.clear()
+            try:
+                while pending:
+                    region, fd = pending[0]
+                    self.memory.add_region(fd, region.gpa, region.size, region.uaddr, region.mmap_offset)
+                    pending.pop(0)
+            finally:
+                close_fds([fd for _, fd in pending])
+            self._memory_changed()
+        log.info("memory table set", regions=self._describe_regions())
+
+    async def _on_region_added(self, ev: vu.MemoryRegionAdded) -> None:
+        r = ev.region
+        async with self.memory_lock:
+            try:
+                self.memory.add_region(ev.fd, r.gpa, r.size, r.uaddr, r.mmap_offset)
+            except MemoryTableError:
+                close_fds([ev.fd])
+                raise
+            self._memory_changed()
+        log.info("memory region added", gpa=hex(r.gpa), size=r.size, guest_ram=self.memory.total_bytes)
+
+    async def _on_region_removed(self, ev: vu.MemoryRegionRemoved) -> None:
+        r = ev.region
+        async with self.memory_lock:
+            self.memory.remove_region(r.gpa, r.size)
+            self._memory_changed()
+        log.info("memory region removed", gpa=hex(r.gpa), size=r.size)
+
+    def _memory_changed(self) -> None:
+        """Ring pointers point into the mappings: set the rings up again."""
+        for q in self.queues:
+            if q.addr is not None and q.num is not None:
+                try:
+                    self._setup_ring(q)
+                except RingError as exc:
+                    self._stop_worker(q)
+                    log.warning("ring no longer in guest memory", queue=q.index, error=str(exc))
+        if self.device.refresh_num_pages():
+            self._notify_config_change()
+
+    def _describe_regions(self) -> list[dict]:
+        return [{"gpa": hex(r.gpa), "size": r.size, "mmap_offset": hex(r.mmap_offset)} for r in self.memory.regions]
+
+    # -- rings ---------------------------------------------------------------------
+
+    def _setup_ring(self, q: QueueState) -> None:
+        a = q.addr
+        q.vq.setup(
+            self.memory, q.num, a.desc, a.avail, a.used, q.base,
+            event_idx=self.device.event_idx, indirect=self.device.indirect,
+        )
+
+    async def _on_vring_num(self, ev: vu.VringNumSet) -> None:
+        self.queues[ev.index].num = ev.num
+
+    async def _on_vring_base(self, ev: vu.VringBaseSet) -> None:
+        self.queues[ev.index].base = ev.base
+
+    async def _on_vring_addr(self, ev: vu.VringAddrSet) -> None:
+        q = self.queues[ev.index]
+        if q.num is None:
+            raise RingError(f"queue {ev.index}: SET_VRING_ADDR before SET_VRING_NUM")
+        q.addr = ev
+        async with self.memory_lock:
+            self._setup_ring(q)  # ring addresses outside guest memory: RingError
+        log.debug("ring set up", queue=q.index, num=q.num, base=q.base,
+                  desc=hex(ev.desc), avail=hex(ev.avail), used=hex(ev.used))
+
+    async def _on_vring_base_get(self, ev: vu.VringBaseGet) -> int:
+        """GET_VRING_BASE stops the ring; in-flight work finishes first."""
+        q = self.queues[ev.index]
+        self._stop_worker(q)
+        async with self.memory_lock:
+            base = q.vq.last_avail_idx if q.vq.ready else q.base
+        q.base = base
+        q.enabled = False
+        self._replace_fd(q, "kick_fd", None)
+        log.info("ring stopped", queue=q.index, last_avail_idx=base, buffers=q.buffers)
+        return base
+
+    async def _on_vring_kick(self, ev: vu.VringKickSet) -> None:
+        q = self.queues[ev.index]
+        self._stop_worker(q)
+        self._replace_fd(q, "kick_fd", ev.fd)
+        if ev.fd is None:
+            log.warning("queue without a kick fd (polling) is not served", queue=q.index)
+        if not self.conn.acked_features & VHOST_USER_F_PROTOCOL_FEATURES:
+            q.enabled = True  # vhost-user.rst: rings start enabled without protocol features
+        self._maybe_start(q)
+
+    async def _on_vring_call(self, ev: vu.VringCallSet) -> None:
+        self._replace_fd(self.queues[ev.index], "call_fd", ev.fd)
+
+    async def _on_vring_err(self, ev: vu.VringErrSet) -> None:
+        self._replace_fd(self.queues[ev.index], "err_fd", ev.fd)
+
+    async def _on_vring_enable(self, ev: vu.VringEnableSet) -> None:
+        q = self.queues[ev.index]
+        q.enabled = ev.enabled
+        if ev.enabled:
+            self._maybe_start(q)
+        else:
+            self._stop_worker(q)
+
+    def _replace_fd(self, q: QueueState, name: str, fd: int | None) -> None:
+        old = getattr(q, name)
+        if old is not None and old != fd:
+            if name == "kick_fd":
+                trio.lowlevel.notify_closing(old)
+            close_fds([old])
+        setattr(q, name, fd)
+
+    def _maybe_start(self, q: QueueState) -> None:
+        role = self.device.role_of(q.index)
+        if q.running or not q.enabled or q.kick_fd is None or not q.vq.ready or q.broken:
+            return
+        if role not in (QueueRole.INFLATE, QueueRole.DEFLATE):
+            log.info("queue not served yet", queue=q.index, role=role.value if role else None)
+            return
+        q.scope = trio.CancelScope()
+        self.nursery.start_soon(self._queue_worker, q, role, q.scope)
+        log.info("queue started", queue=q.index, role=role.value, num=q.num)
+
+    def _stop_worker(self, q: QueueState) -> None:
+        if q.scope is not None:
+            q.scope.cancel()
+            q.scope = None
+
+    def broken_queues(self) -> dict[int, str]:
+        return {q.index: q.broken for q in self.queues if q.broken}
+
+    async def _queue_worker(self, q: QueueState, role: QueueRole, scope: trio.CancelScope) -> None:
+        with scope:
+            kick_fd = q.kick_fd
+            while True:
+                await self._process(q, role)  # buffers may be there before the first kick
+                await trio.lowlevel.wait_readable(kick_fd)
+                try:
+                    os.eventfd_read(kick_fd)
+                except BlockingIOError:
+                    pass
+
+    async def _process(self, q: QueueState, role: QueueRole) -> None:
+        async with self.memory_lock:
+            while True:
+                try:
+                    heads, pfns = q.vq.pop_pfns(self.memory)
+                except RingError as exc:
+                    self._ring_broken(q, str(exc))
+                    return
+                if not heads:
+                    return
+                update = self.device.apply(role, pfns, len(heads))
+                if role is QueueRole.INFLATE and len(update.changed):
+                    stats, measured = await trio.to_thread.run_sync(self._discard, update.changed)
+                    self.device.record_discard(stats, measured)
+                    if stats.bytes_failed:
+                        self._report_discard_failure(stats)
+                q.vq.push_used(heads)
+                q.buffers += len(heads)
+                if q.vq.should_signal():
+                    self._signal(q.call_fd)
+                    q.signals += 1
+
+    def _discard(self, pfns: PfnArray):
+        """Runs in a worker thread (cffi releases the GIL)."""
+        before = self.memory.allocated_bytes()
+        stats = self.memory.discard(pfns)
+        after = self.memory.allocated_bytes()
+        return stats, max(0, before - after)
+
+    def _report_discard_failure(self, stats) -> None:
+        region = stats.failed_region
+        if region in self._failed_regions_reported:  # say it once per region
+            return
+        self._failed_regions_reported.add(region)
+        log.error(
+            "host memory of this region cannot be freed (fallocate and madvise both refused): "
+            "pages stay ballooned in the guest but the host keeps them",
+            region=region,
+            errno=stats.last_errno,
+            error=os.strerror(stats.last_errno) if stats.last_errno else None,
+        )
+
+    def _ring_broken(self, q: QueueState, reason: str) -> None:
+        q.broken = reason
+        log.error("malformed ring from the guest: queue stopped", queue=q.index, error=reason)
+        self._signal(q.err_fd)
+        if q.scope is not None:
+            q.scope.cancel()
+            q.scope = None
+
+    @staticmethod
+    def _signal(fd: int | None) -> None:
+        if fd is None:
+            return
+        try:
+            os.eventfd_write(fd, 1)
+        except BlockingIOError:  # counter saturated: the peer has a wakeup pending anyway
+            pass
+
+    # -- config space --------------------------------------------------------------
+
+    async def _on_config_get(self, ev: vu.ConfigGet) -> bytes:
+        return self.device.read_config(ev.offset, ev.size)
+
+    async def _on_config_set(self, ev: vu.ConfigSet) -> None:
+        write = self.device.write_config(ev.offset, ev.data)
+        if write.actual_changed:
+            actual = self.device.actual_bytes
+            log.debug("guest balloon size", actual_pages=write.new_actual, num_pages=self.device.config.num_pages)
+            self.service.publish("BALLOON_CHANGE", {"actual": actual})
+            if write.new_actual == self.device.config.num_pages:
+                log.info("guest reached the target", actual=actual, ballooned_pages=write.new_actual)
+
+    def set_target(self, target_bytes: int) -> None:
+        if self.device.set_target(target_bytes):
+            log.info("new target for the guest", num_pages=self.device.config.num_pages)
+            self._notify_config_change()
+
+    # -- backend channel -------------------------------------------------------------
+
+    async def _on_backend_channel(self, ev: vu.BackendChannelSet) -> None:
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+        self.backend_channel = FdStream(trio.socket.from_stdlib_socket(socket.socket(fileno=ev.fd)))
+
+    def _notify_config_change(self) -> None:
+        if self.nursery is not None:
+            self.nursery.start_soon(self._send_config_change)
+
+    async def _send_config_change(self) -> None:
+        channel = self.backend_channel
+        if channel is None:
+            log.warning("no backend channel (SET_BACKEND_REQ_FD): the guest cannot be told of the new target yet")
+            return
+        need_reply = bool(self.conn.acked_protocol_features & ProtocolFeature.REPLY_ACK)
+        message = vu.encode_backend_request(BackendRequest.CONFIG_CHANGE_MSG, need_reply=need_reply)
+        async with self.backend_lock:
+            try:
+                await channel.send(message)
+                if need_reply:
+                    with trio.fail_after(BACKEND_REPLY_TIMEOUT):
+                        await self._wait_backend_ack(channel)
+            except trio.TooSlowError:
+                log.warning("front-end did not ack CONFIG_CHANGE_MSG", timeout=BACKEND_REPLY_TIMEOUT)
+            except (OSError, ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.warning("backend channel failed", error=str(exc))
+
+    async def _wait_backend_ack(self, channel: FdStream) -> None:
+        reader = vu.BackendChannel()
+        while True:
+            data, fds = await channel.receive(4096)
+            close_fds(fds)
+            if not data:
+                raise ProtocolError("backend channel closed before the front-end replied")
+            ack = reader.receive_reply(data)
+            if ack is not None:
+                if ack != 0:
+                    log.warning("front-end refused CONFIG_CHANGE_MSG", status=ack)
+                return
+
+    # -- reset ---------------------------------------------------------------------
+
+    async def _on_reset(self, ev: vu.DeviceReset) -> None:
+        for q in self.queues:
+            self._stop_worker(q)
+        async with self.memory_lock:
+            for q in self.queues:
+                q.enabled = False
+                q.broken = None
+                q.num = q.addr = None
+                q.base = 0
+                q.vq = Virtqueue(q.index)
+        self.device.acked_features = 0
+        self.device.config.actual = 0
+        log.info("device reset")
