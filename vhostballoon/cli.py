@@ -25,8 +25,10 @@ Try it without QEMU:  vhostballoon demo
 
 
 def capabilities() -> dict:
-    """What --print-capabilities prints (vhost-user.rst, backend program conventions)."""
-    return {"type": "balloon", "features": []}
+    """What --print-capabilities prints (vhost-user.rst, "Backend program
+    conventions"; schema: QEMU docs/interop/vhost-user.json,
+    VHostUserBackendCapabilities, where "balloon" has no feature list)."""
+    return {"type": "balloon"}
 
 
 def _daemon_parser() -> argparse.ArgumentParser:
@@ -44,6 +46,12 @@ def _daemon_parser() -> argparse.ArgumentParser:
         "--control-socket",
         metavar="PATH",
         help="where the JSON control socket listens (default: the socket path with '.ctl' appended)",
+    )
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where the operator's target is kept across restarts "
+        "(default: the socket path with '.state' appended; 'none' keeps nothing)",
     )
     p.add_argument("--log-format", choices=["console", "json"], default="console", help="log line format (default: console)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info", help="default: info")
@@ -87,10 +95,13 @@ def run_daemon(args: argparse.Namespace) -> int:
     from .logs import configure_logging
     from .server.daemon import StartupError, run_until_signalled
     from .server.service import BalloonService
+    from .server.state import StateStore
 
     configure_logging(args.log_format, args.log_level)
     log = structlog.get_logger("vhostballoon")
-    service = BalloonService(features=DEFAULT_FEATURES)
+    state_dir = args.state_dir or (f"{args.socket_path}.state" if args.socket_path else None)
+    state = StateStore(state_dir) if state_dir and state_dir != "none" else None
+    service = BalloonService(features=DEFAULT_FEATURES, state=state)
     log.info("starting", version=__version__, features=feature_names(DEFAULT_FEATURES))
     try:
         return trio.run(

@@ -80,6 +80,10 @@ def execute_line(service: BalloonService, line: bytes) -> dict:
     return reply
 
 
+# A client that went away mid-write or stopped reading: its problem, not the daemon's.
+_CLIENT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError)
+
+
 class _Client:
     def __init__(self, stream: trio.SocketStream, service: BalloonService) -> None:
         self.stream = stream
@@ -92,16 +96,25 @@ class _Client:
             with trio.fail_after(SEND_TIMEOUT):
                 await self.stream.send_all(data)
 
-    async def forward_events(self, receive: trio.MemoryReceiveChannel) -> None:
-        async for event in receive:
-            await self.send(event)
+    async def forward_events(self, receive: trio.MemoryReceiveChannel, done: trio.CancelScope) -> None:
+        try:
+            async for event in receive:
+                await self.send(event)
+        except _CLIENT_GONE as exc:
+            log.info("control client gone while sending an event", reason=type(exc).__name__)
+        done.cancel()  # the service dropped us (backlog full) or the client left
 
     async def serve(self) -> None:
+        """Never raises for anything the client does; each task ends the
+        other, so no error can leave this nursery as an exception group."""
         send_channel, receive = self.service.subscribe()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.forward_events, receive)
-                await self.read_commands()
+                nursery.start_soon(self.forward_events, receive, nursery.cancel_scope)
+                try:
+                    await self.read_commands()
+                except _CLIENT_GONE as exc:
+                    log.info("control client dropped", reason=type(exc).__name__)
                 nursery.cancel_scope.cancel()
         finally:
             self.service.unsubscribe(send_channel)
@@ -125,11 +138,10 @@ class _Client:
 
 async def serve_control(listener: trio.SocketListener, service: BalloonService) -> None:
     async def handle(stream: trio.SocketStream) -> None:
-        client = _Client(stream, service)
         try:
-            await client.serve()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError) as exc:
-            log.info("control client dropped", reason=type(exc).__name__)
+            await _Client(stream, service).serve()
+        except Exception:  # one client's trouble must never stop the daemon
+            log.exception("control client failed")
         finally:
             await trio.aclose_forcefully(stream)
 

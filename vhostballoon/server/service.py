@@ -10,6 +10,7 @@ import structlog
 import trio
 
 from ..device.features import DEFAULT_FEATURES, feature_names
+from .state import StateStore
 
 if TYPE_CHECKING:
     from .session import FrontendSession
@@ -30,8 +31,19 @@ class CommandError(Exception):
 
 
 class BalloonService:
-    def __init__(self, *, features: int = DEFAULT_FEATURES, target_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        features: int = DEFAULT_FEATURES,
+        target_bytes: int | None = None,
+        state: StateStore | None = None,
+    ) -> None:
         self.features = features
+        self.state = state
+        if state is not None and target_bytes is None:
+            target_bytes = state.load().get("target")
+            if target_bytes is not None:
+                log.info("target restored from the state directory", target=target_bytes, path=str(state.path))
         self.target_bytes = target_bytes
         self.session: FrontendSession | None = None
         self.sessions_served = 0
@@ -48,6 +60,11 @@ class BalloonService:
         if ram and target_bytes > ram:
             log.info("target above guest RAM: clamped", target=target_bytes, guest_ram=ram)
         self.target_bytes = target_bytes
+        if self.state is not None:
+            try:
+                self.state.save(target=target_bytes)
+            except OSError as exc:
+                log.error("could not save the target: it will not survive a restart", error=str(exc))
         log.info("target set", target=target_bytes, connected=session is not None)
         if session is not None:
             session.set_target(target_bytes)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +105,7 @@ class QemuGuest:
         args += list(device_args) + list(extra_args)
         (workdir / "qemu.cmdline").write_text(" ".join(args) + "\n")
         process = await trio.lowlevel.open_process(
-            args, stdin=trio.subprocess.PIPE, stdout=trio.subprocess.PIPE, stderr=trio.subprocess.STDOUT
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         guest = cls(process, workdir, memory_mib << 20)
         try:
@@ -156,7 +157,13 @@ class QemuGuest:
         return {k: int(v) for k, v in (await self.run("mem")).field("MEM").items()}
 
     async def vmstat(self) -> dict[str, int]:
-        return {k: int(v) for k, v in (await self.run("vmstat")).field("VMSTAT").items()}
+        """The guest's balloon and compaction counters (``name value`` pairs)."""
+        result = await self.run("vmstat")
+        for line in result.lines:
+            if line.startswith(f"{MARK} VMSTAT "):
+                words = line.split()[2:]
+                return {words[i]: int(words[i + 1]) for i in range(0, len(words) - 1, 2)}
+        raise GuestError(f"no '{MARK} VMSTAT' line in the answer: {result.lines}")
 
     async def devices(self) -> list[dict[str, str]]:
         result = await self.run("feat")

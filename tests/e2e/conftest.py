@@ -1,0 +1,143 @@
+"""End-to-end fixtures: the real back-end process, a real QEMU, a real Linux guest.
+
+The e2e tests are skipped, with the reason printed (pytest -ra), when the
+QEMU and guest built by ../shared/e2e/build-qemu.sh and build-guest.sh are
+not on this machine; .ci/run builds them first, so in CI they run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from vhostballoon.ctl import ControlClient
+from vhostballoon.testing.qemu import provisioning_problem
+
+PROBLEM = provisioning_problem()
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+            if PROBLEM:
+                item.add_marker(pytest.mark.skip(reason=f"e2e not provisioned: {PROBLEM}"))
+
+
+class BackendProcess:
+    """The daemon as a user runs it: its own process, its own socket."""
+
+    def __init__(self, workdir: Path, name: str = "vb") -> None:
+        self.workdir = workdir
+        self.socket_path = str(workdir / f"{name}.sock")
+        self.control_path = self.socket_path + ".ctl"
+        self.log_path = workdir / f"{name}.backend.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, *extra: str) -> "BackendProcess":
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "vhostballoon", "--socket-path", self.socket_path, "--log-level", "debug", *extra],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        # Ready when its control socket accepts: a killed predecessor may have
+        # left the socket files behind (the back-end replaces stale ones).
+        deadline = time.monotonic() + 20
+        while True:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"back-end did not start: {self.log()[-2000:]}")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.control_path)
+                return self
+            except OSError:
+                time.sleep(0.05)
+            finally:
+                probe.close()
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=20)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+
+    def fd_table(self) -> list[str]:
+        fd_dir = f"/proc/{self.process.pid}/fd"
+        out = []
+        for name in sorted(os.listdir(fd_dir), key=int):
+            try:
+                out.append(f"{name} -> {os.readlink(f'{fd_dir}/{name}')}")
+            except OSError:
+                pass
+        return out
+
+    async def assert_fd_count(self, expected: int, settle: float = 5.0) -> None:
+        """The count must come back to ``expected``; the server end of our own
+        last control connection may take a moment to close."""
+        with trio.move_on_after(settle):
+            while self.fd_count() != expected:
+                await trio.sleep(0.05)
+            return
+        raise AssertionError(f"back-end has {self.fd_count()} fds, expected {expected}: {self.fd_table()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _execute(self, command: str, **arguments):
+        client = ControlClient(self.control_path)
+        try:
+            return client.execute(command, **arguments)
+        finally:
+            client.close()
+
+    async def execute(self, command: str, **arguments):
+        return await trio.to_thread.run_sync(lambda: self._execute(command, **arguments))
+
+    async def query(self) -> dict:
+        return await self.execute("query-balloon")
+
+    async def wait_for(self, predicate, timeout: float, what: str) -> dict:
+        """Poll query-balloon until predicate(info) holds."""
+        info: dict = {}
+        with trio.move_on_after(timeout):
+            while True:
+                info = await self.query()
+                if predicate(info):
+                    return info
+                await trio.sleep(0.2)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}; last query-balloon: {info}")
+
+
+@pytest.fixture
+def backend_factory(tmp_path):
+    started: list[BackendProcess] = []
+
+    def make(name: str = "vb", *extra: str) -> BackendProcess:
+        b = BackendProcess(tmp_path, name).start(*extra)
+        started.append(b)
+        return b
+
+    yield make
+    for b in started:
+        if b.alive:
+            b.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def backend(backend_factory) -> BackendProcess:
+    return backend_factory()

@@ -1,0 +1,70 @@
+"""The operator's intent on disk, so that it survives a back-end restart.
+
+One small JSON file per back-end, replaced atomically (write a temporary
+file, fsync it, rename it over the old one, fsync the directory): a crash at
+any moment leaves either the old or the new file, never a torn one. It is
+written when the operator changes something, never per buffer.
+
+What is kept: the target. (Ballooned-page tracking is not kept yet: after a
+restart the guest's balloon is known again from its ``actual`` and the pages
+it deflates; pages in flight when the back-end died may stay allocated.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("vhostballoon.state")
+
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+
+
+class StateError(Exception):
+    pass
+
+
+class StateStore:
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / STATE_FILE
+
+    def load(self) -> dict:
+        """The saved state, or {} when there is none. A damaged file is
+        reported and ignored (renamed aside), never fatal."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        try:
+            state = json.loads(raw)
+            if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+                raise ValueError(f"unexpected content (version {state.get('version') if isinstance(state, dict) else '?'})")
+        except ValueError as exc:
+            aside = self.path.with_suffix(".damaged")
+            os.replace(self.path, aside)
+            log.error("state file unreadable: ignored and kept aside", path=str(aside), error=str(exc))
+            return {}
+        return state
+
+    def save(self, **fields) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state = {"version": STATE_VERSION, **fields}
+        tmp = self.path.with_name(f".{STATE_FILE}.tmp")
+        data = json.dumps(state, indent=1).encode() + b"\n"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
