@@ -566,7 +566,10 @@ class Frontend:
         return _u64(reply.payload)
 
     async def _set_vring_fd(self, request: Request, index: int, fd: int) -> None:
-        await self.request(request, VringFd(index=index), fds=[fd])
+        # Recorded from QEMU 10.2.2 (protocol/transcripts): SET_VRING_KICK/CALL/ERR
+        # carry NEED_REPLY when REPLY_ACK is negotiated, and QEMU waits for the ack.
+        need_reply = self.has_protocol_feature(ProtocolFeature.REPLY_ACK)
+        await self.request(request, VringFd(index=index), fds=[fd], need_reply=need_reply)
 
     def _new_eventfd(self) -> int:
         fd = _eventfd()
