@@ -8,6 +8,7 @@ job (vhostballoon.native), which the server runs off the event loop.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import structlog
@@ -184,12 +185,26 @@ class BalloonDevice:
                 guest_ram=hex(self.ram_bytes),
             )
         if result.n_unchanged:
+            first = self._first_unchanged(pfns, result.changed)
             log.info(
                 "pfns already in that state" if inflate else "pfns deflated that were not ballooned",
                 queue=role.value,
                 count=result.n_unchanged,
+                first_pfn=hex(first) if first is not None else None,
             )
         return update
+
+    def _first_unchanged(self, pfns: PfnArray, changed: PfnArray) -> int | None:
+        """The first PFN of a batch that did not change state, for the log line
+        (the C update counts them but does not name one). Only runs when a
+        guest repeats PFNs, which Linux never does, so plain Python is fine."""
+        flipped = Counter(changed.tolist())
+        for pfn in pfns.tolist():
+            if flipped[pfn]:
+                flipped[pfn] -= 1  # this occurrence is the one that flipped
+            elif self.memory.translate(pfn << PAGE_SHIFT, PAGE_SIZE) is not None:
+                return pfn  # inside guest memory, so not one of the invalid ones
+        return None
 
     def record_discard(self, stats: DiscardStats, freed_measured: int) -> None:
         self.counters.discard.add(stats)

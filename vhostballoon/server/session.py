@@ -27,7 +27,7 @@ import trio
 from ..device.balloon import BalloonDevice, FeatureError
 from ..device.config import CONFIG_SIZE, ConfigAccessError
 from ..device.features import MAX_QUEUES, QueueRole
-from ..native import GuestMemory, MemoryTableError, PfnArray, RingError, Virtqueue
+from ..native import PAGE_SHIFT, GuestMemory, MemoryTableError, PfnArray, RingError, Virtqueue
 from ..vhost_user import connection as vu
 from ..vhost_user.constants import VHOST_USER_F_PROTOCOL_FEATURES, BackendRequest, ProtocolFeature
 from ..vhost_user.errors import ProtocolError
@@ -491,6 +491,14 @@ class FrontendSession:
                 q.num = q.addr = None
                 q.base = 0
                 q.vq = Virtqueue(q.index)
+            # The balloon is device state too: after a reset no page is in it
+            # (config.actual says 0 below). Left marked, a page the next driver
+            # inflates would count as "already ballooned" and never be freed.
+            released = self.memory.ballooned_pages
+            for r in self.memory.regions:
+                first = r.gpa >> PAGE_SHIFT
+                every_page = PfnArray.from_list(range(first, first + (r.size >> PAGE_SHIFT)))
+                self.memory.balloon_update(every_page, inflate=False)
         self.device.acked_features = 0
         self.device.config.actual = 0
-        log.info("device reset")
+        log.info("device reset", pages_released_from_balloon=released)
