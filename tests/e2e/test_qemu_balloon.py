@@ -86,7 +86,7 @@ async def test_balloon_to_512m_frees_host_memory_and_gives_it_back(tmp_path, bac
 
 async def test_target_survives_backend_restart_with_a_fresh_qemu(tmp_path, backend_factory):
     """QEMU 10.2.2's generic vhost-user device cannot reconnect to a restarted
-    back-end (see test_qemu_reconnect_behaviour), so the supported recovery is
+    back-end (see test_qemu_reconnect.py), so the supported recovery is
     a fresh QEMU; the operator's target must still hold."""
     backend = backend_factory()
     async with qemu(tmp_path, backend, "first") as guest:

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,16 +57,70 @@ class CommandResult:
         raise GuestError(f"no '{MARK} {tag}' line in the answer to {self.command!r}: {self.lines}")
 
 
-def balloon_vhost_user_args(socket_path: str, *, num_vqs: int = 5, vq_size: int = 128, chardev_id: str = "vb") -> list[str]:
+def balloon_vhost_user_args(
+    socket_path: str, *, num_vqs: int = 5, vq_size: int = 128, chardev_id: str = "vb", reconnect_ms: int | None = None
+) -> list[str]:
     return [
-        "-chardev", f"socket,id={chardev_id},path={socket_path}",
+        "-chardev", vhost_user_chardev_spec(socket_path, chardev_id=chardev_id, reconnect_ms=reconnect_ms),
         "-device",
         f"vhost-user-test-device-pci,chardev={chardev_id},virtio-id=5,num_vqs={num_vqs},config_size=16,vq_size={vq_size}",
     ]
 
 
+def vhost_user_chardev_spec(socket_path: str, *, chardev_id: str = "vb", reconnect_ms: int | None = None) -> str:
+    """The ``-chardev`` value for a client socket to the back-end."""
+    spec = f"socket,id={chardev_id},path={socket_path}"
+    return spec + (f",reconnect-ms={reconnect_ms}" if reconnect_ms is not None else "")
+
+
+def balloon_device_add_args(
+    *, chardev_id: str = "vb", bus: str | None = None, device_id: str = "balloon0", num_vqs: int = 5, vq_size: int = 128
+) -> dict:
+    """QMP ``device_add`` arguments for the balloon over vhost-user (same
+    properties as :func:`balloon_vhost_user_args`), e.g. for hot-adding it
+    behind a ``pcie-root-port``."""
+    args = {
+        "driver": "vhost-user-test-device-pci", "id": device_id, "chardev": chardev_id,
+        "virtio-id": 5, "num_vqs": num_vqs, "config_size": 16, "vq_size": vq_size,
+    }
+    if bus is not None:
+        args["bus"] = bus
+    return args
+
+
 def balloon_builtin_args(*, free_page_reporting: bool = True) -> list[str]:
     return ["-device", f"virtio-balloon-pci,free-page-reporting={'on' if free_page_reporting else 'off'}"]
+
+
+class QmpSession:
+    """One open QMP connection; events that arrive are kept in ``events``."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.events: list[dict] = []
+        self._buffer = b""
+
+    async def _reply(self) -> dict:
+        while True:
+            while b"\n" in self._buffer:
+                line, self._buffer = self._buffer.split(b"\n", 1)
+                msg = json.loads(line)
+                if "return" in msg or "error" in msg:
+                    return msg
+                if "event" in msg:
+                    self.events.append(msg)
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                raise GuestError("QMP connection closed")
+            self._buffer += chunk
+
+    async def execute(self, command: str, **arguments) -> dict:
+        msg = {"execute": command, **({"arguments": arguments} if arguments else {})}
+        await self.stream.send_all(json.dumps(msg).encode() + b"\n")
+        answer = await self._reply()
+        if "error" in answer:
+            raise GuestError(f"QMP {command}: {answer['error']}")
+        return answer["return"]
 
 
 class QemuGuest:
@@ -89,7 +144,15 @@ class QemuGuest:
         qmp: bool = True,
         extra_args: list[str] = (),
         append: str = "",
+        paused: bool = False,
+        wait_ready: bool = True,
     ) -> "QemuGuest":
+        """Start QEMU; by default wait until the guest is ready for commands.
+
+        ``paused`` passes ``-S`` (the vCPUs wait for QMP ``cont``; give
+        ``wait_ready=False`` too, then :meth:`wait_ready` after ``cont``).
+        ``wait_ready=False`` returns as soon as the process is started.
+        """
         workdir = Path(workdir)
         args = [
             str(QEMU_BIN), "-accel", "tcg", "-cpu", "max", "-smp", "2",
@@ -102,18 +165,43 @@ class QemuGuest:
         ]
         if qmp:
             args += ["-qmp", f"unix:{workdir / 'qmp.sock'},server=on,wait=off"]
+        if paused:
+            args.append("-S")
         args += list(device_args) + list(extra_args)
         (workdir / "qemu.cmdline").write_text(" ".join(args) + "\n")
         process = await trio.lowlevel.open_process(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         guest = cls(process, workdir, memory_mib << 20)
-        try:
-            await guest.wait_for(rf"^{MARK} READY", BOOT_TIMEOUT)
-        except BaseException:
-            await guest.kill()
-            raise
+        if wait_ready:
+            try:
+                await guest.wait_ready()
+            except BaseException:
+                await guest.kill()
+                raise
         return guest
+
+    async def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> str:
+        """Wait for the guest's ``@@VB READY`` line."""
+        return await self.wait_for(rf"^{MARK} READY", timeout)
+
+    async def wait_exit(self, timeout: float = 30.0) -> int:
+        """Keep reading QEMU's output until it exits; return its exit status
+        (negative: the signal that ended it). The output is in :meth:`output`."""
+        with trio.fail_after(timeout):
+            try:
+                while True:
+                    await self._read_line()
+            except GuestError:
+                pass
+            if self._buffer:
+                self.console.append(self._buffer.decode(errors="replace").replace("\r", ""))
+                self._buffer = b""
+            return await self.process.wait()
+
+    def output(self) -> str:
+        """Everything QEMU and the guest printed so far (stdout and stderr)."""
+        return "\n".join(self.console)
 
     # -- console -----------------------------------------------------------------
 
@@ -193,32 +281,42 @@ class QemuGuest:
 
     async def qmp(self, command: str, **arguments) -> dict:
         """One QMP command on a fresh connection (capabilities negotiated)."""
+        async with self.qmp_session() as session:
+            return await session.execute(command, **arguments)
+
+    @asynccontextmanager
+    async def qmp_session(self):
+        """A QMP connection kept open for several commands (e.g. polling
+        ``query-balloon`` without reconnecting each time)."""
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         with sock:
             await sock.connect(str(self.workdir / "qmp.sock"))
-            stream = trio.SocketStream(sock)
-            buffer = b""
+            session = QmpSession(trio.SocketStream(sock))
+            await session.execute("qmp_capabilities")
+            yield session
 
-            async def reply() -> dict:
-                nonlocal buffer
-                while True:
-                    while b"\n" in buffer:
-                        line, buffer = buffer.split(b"\n", 1)
-                        msg = json.loads(line)
-                        if "return" in msg or "error" in msg:
-                            return msg
-                    chunk = await stream.receive_some(65536)
-                    if not chunk:
-                        raise GuestError("QMP connection closed")
-                    buffer += chunk
+    async def wait_qmp(self, timeout: float = 20.0) -> dict:
+        """Wait until QEMU's QMP socket answers; returns ``query-status``."""
+        with trio.fail_after(timeout):
+            while True:
+                if self.process.poll() is not None:
+                    raise GuestError(f"QEMU exited (rc {self.process.returncode}) before QMP answered")
+                try:
+                    return await self.qmp("query-status")
+                except (OSError, GuestError):
+                    await trio.sleep(0.05)
 
-            for name, args in (("qmp_capabilities", {}), (command, arguments)):
-                msg = {"execute": name, **({"arguments": args} if args else {})}
-                await stream.send_all(json.dumps(msg).encode() + b"\n")
-                answer = await reply()
-                if "error" in answer:
-                    raise GuestError(f"QMP {name}: {answer['error']}")
-            return answer["return"]
+    async def device_add(self, driver: str, **properties) -> dict:
+        """QMP ``device_add`` (e.g. to hot-add a device behind a pcie-root-port)."""
+        return await self.qmp("device_add", driver=driver, **properties)
+
+    async def chardev_connected(self, chardev_id: str) -> bool:
+        """Whether a socket chardev is connected now (``query-chardev``: a
+        client socket's filename starts with ``disconnected:`` until it is)."""
+        for dev in await self.qmp("query-chardev"):
+            if dev["label"] == chardev_id:
+                return not dev["filename"].startswith("disconnected:")
+        raise GuestError(f"no chardev {chardev_id!r}")
 
     async def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.process.returncode is None:
