@@ -88,7 +88,7 @@ async def _demo(size: int, order: str) -> int:
                 after = ram.allocated_bytes()
                 print(f"  reached in {seconds:.2f} s; the guest wrote to its pages again: host holds {format_size(after)}")
                 print(
-                    f"  pages the guest kept all along: canary intact on every one"
+                    "  pages the guest kept all along: canary intact on every one"
                     if not bad
                     else f"  CANARY BROKEN on {len(bad)} pages (first pfn {bad[0]:#x})"
                 )

@@ -35,17 +35,11 @@ from .transport import FdStream, TransportError, close_fds
 
 log = structlog.get_logger("vhostballoon.session")
 
-# What the balloon offers on the vhost-user level (issue 2): none of these
-# claims migration support (no LOG_SHMFD, no DEVICE_STATE, no POSTCOPY).
-PROTOCOL_FEATURES = int(
-    ProtocolFeature.MQ
-    | ProtocolFeature.REPLY_ACK
-    | ProtocolFeature.BACKEND_REQ
-    | ProtocolFeature.CONFIG
-    | ProtocolFeature.CONFIGURE_MEM_SLOTS
-    | ProtocolFeature.RESET_DEVICE
-    | ProtocolFeature.STATUS
-)
+# What the balloon offers on the vhost-user level: everything the connection
+# implements (MQ, REPLY_ACK, BACKEND_REQ, CONFIG, CONFIGURE_MEM_SLOTS,
+# RESET_DEVICE, STATUS); none of it claims migration support (no LOG_SHMFD,
+# DEVICE_STATE or POSTCOPY).
+PROTOCOL_FEATURES = int(vu.SUPPORTED_PROTOCOL_FEATURES)
 MAX_MEM_SLOTS = 32  # csrc/vb.h: vb_mem holds 32 regions
 BACKEND_REPLY_TIMEOUT = 5.0  # seconds to wait for the front-end's ack of CONFIG_CHANGE_MSG
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import array
-import os
 import socket
 from typing import Sequence
 
 import trio
+
+from ..vhost_user.codec import close_fds  # noqa: F401  (re-exported for the server)
 
 # vhost-user.rst: at most 8 fds per message (VHOST_MEMORY_BASELINE_NREGIONS).
 MAX_FDS_PER_MESSAGE = 8
@@ -16,14 +17,6 @@ _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 
 class TransportError(Exception):
     """The peer broke the transport rules (e.g. sent more fds than fit)."""
-
-
-def close_fds(fds: Sequence[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def _fds_from_ancillary(ancdata) -> list[int]:

@@ -43,23 +43,23 @@ from typing import Protocol
 
 import trio
 
+from ..device.features import BalloonFeature, QueueRole, RingFeature, queue_roles
 from .guest_ram import PAGE_SHIFT, PAGE_SIZE, GuestRAM
 from .virtqueue import DriverVirtqueue
 
 if sys.byteorder != "little":  # array('I').tobytes() is written as le32 below
     raise ImportError("vhostballoon.testing assumes a little-endian host")
 
-# include/uapi/linux/virtio_balloon.h
-VIRTIO_BALLOON_F_MUST_TELL_HOST = 1 << 0
-VIRTIO_BALLOON_F_STATS_VQ = 1 << 1
-VIRTIO_BALLOON_F_DEFLATE_ON_OOM = 1 << 2
-VIRTIO_BALLOON_F_FREE_PAGE_HINT = 1 << 3
-VIRTIO_BALLOON_F_PAGE_POISON = 1 << 4
-VIRTIO_BALLOON_F_REPORTING = 1 << 5
-# include/uapi/linux/virtio_ring.h, virtio_config.h
-VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
-VIRTIO_RING_F_EVENT_IDX = 1 << 29
-VIRTIO_F_VERSION_1 = 1 << 32
+# The feature bits by their Linux names; one definition, in the device package.
+VIRTIO_BALLOON_F_MUST_TELL_HOST = int(BalloonFeature.MUST_TELL_HOST)
+VIRTIO_BALLOON_F_STATS_VQ = int(BalloonFeature.STATS_VQ)
+VIRTIO_BALLOON_F_DEFLATE_ON_OOM = int(BalloonFeature.DEFLATE_ON_OOM)
+VIRTIO_BALLOON_F_FREE_PAGE_HINT = int(BalloonFeature.FREE_PAGE_HINT)
+VIRTIO_BALLOON_F_PAGE_POISON = int(BalloonFeature.PAGE_POISON)
+VIRTIO_BALLOON_F_REPORTING = int(BalloonFeature.REPORTING)
+VIRTIO_RING_F_INDIRECT_DESC = int(RingFeature.INDIRECT_DESC)
+VIRTIO_RING_F_EVENT_IDX = int(RingFeature.EVENT_IDX)
+VIRTIO_F_VERSION_1 = int(RingFeature.VERSION_1)
 
 # What the real guest accepts. Seen with QEMU 10.2.2 and Linux 6.1: the guest
 # never acks INDIRECT_DESC through vhost-user-test-device-pci even when the
@@ -106,14 +106,6 @@ class PfnOrder(enum.Enum):
     SEQUENTIAL = "sequential"  # ascending PFNs
 
 
-class QueueRole(enum.Enum):
-    INFLATE = "inflate"
-    DEFLATE = "deflate"
-    STATS = "stats"
-    FREE_PAGE_HINT = "free-page-hint"
-    REPORTING = "reporting"
-
-
 class DriverError(RuntimeError):
     """The model guest could not do what it was asked."""
 
@@ -135,18 +127,6 @@ class Transport(Protocol):
     async def write_config(self, offset: int, data: bytes) -> None: ...
     def kick(self, queue_index: int) -> None: ...
     async def wait_call(self, queue_index: int) -> None: ...
-
-
-def queue_roles(features: int) -> list[QueueRole]:
-    """Queue index -> role, packed like Linux init_vqs."""
-    roles = [QueueRole.INFLATE, QueueRole.DEFLATE]
-    if features & VIRTIO_BALLOON_F_STATS_VQ:
-        roles.append(QueueRole.STATS)
-    if features & VIRTIO_BALLOON_F_FREE_PAGE_HINT:
-        roles.append(QueueRole.FREE_PAGE_HINT)
-    if features & VIRTIO_BALLOON_F_REPORTING:
-        roles.append(QueueRole.REPORTING)
-    return roles
 
 
 def allocation_order(

@@ -37,7 +37,6 @@ is an error; with NEED_REPLY the reply is u64 0/1 (``backend_read``).
 
 from __future__ import annotations
 
-import array
 import enum
 import os
 import socket
@@ -67,8 +66,6 @@ from vhostballoon.vhost_user.constants import (
     CONFIG_FLAG_FRONTEND,
     CONFIG_HEADER_SIZE,
     HEADER_SIZE,
-    MAX_FDS,
-    NEED_REPLY,
     REPLY,
     VERSION,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -78,6 +75,7 @@ from vhostballoon.vhost_user.constants import (
 )
 from vhostballoon.vhost_user.errors import ProtocolError
 
+from ..server.transport import FdStream, TransportError
 from .guest_ram import GuestRAM
 from .virtqueue import DriverVirtqueue
 
@@ -88,7 +86,6 @@ PROTOCOL_FEATURES_BIT = int(VHOST_USER_F_PROTOCOL_FEATURES)  # a mask: 1 << 30
 # QEMU keeps every protocol feature it knows (VHOST_USER_PROTOCOL_FEATURE_MASK,
 # vhost_user_backend_init): bits 0..19 in 10.2 (MQ .. DEVICE_STATE).
 QEMU_PROTOCOL_FEATURES = (1 << 20) - 1
-_FD_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 
 
 class FrontendError(Exception):
@@ -132,22 +129,15 @@ def _eventfd() -> int:
 
 
 class _FdSocket:
-    """One unix stream socket moving bytes and fds; owns the socket only."""
+    """One unix stream socket moving bytes and fds, decoded into messages."""
 
     def __init__(self, sock: trio.socket.SocketType, decoder: MessageDecoder, channel: Channel) -> None:
-        self.sock = sock
+        self.stream = FdStream(sock)
         self.decoder = decoder
         self.channel = channel
 
     async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        if fds:
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-            sent = await self.sock.sendmsg([data], anc)
-        else:
-            sent = await self.sock.send(data)
-        view = memoryview(data)[sent:]
-        while view:
-            view = view[await self.sock.send(view) :]
+        await self.stream.send(data, fds)
 
     async def receive_message(self) -> Message | None:
         """The next whole message, or None when the peer closed the socket."""
@@ -158,16 +148,10 @@ class _FdSocket:
                 raise ProtocolViolation(f"{self.channel.value} channel: {exc}") from exc
             if message is not None:
                 return message
-            data, ancdata, msg_flags, _ = await self.sock.recvmsg(65536, _FD_SPACE, socket.MSG_CMSG_CLOEXEC)
-            fds = [
-                fd
-                for level, kind, blob in ancdata
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-                for fd in array.array("i", blob[: len(blob) - len(blob) % 4])
-            ]
-            if msg_flags & socket.MSG_CTRUNC:
-                close_fds(fds)
-                raise ProtocolViolation(f"{self.channel.value} channel: peer sent more than {MAX_FDS} fds")
+            try:
+                data, fds = await self.stream.receive()
+            except TransportError as exc:
+                raise ProtocolViolation(f"{self.channel.value} channel: {exc}") from exc
             if not data:
                 close_fds(fds)
                 return None
@@ -177,7 +161,7 @@ class _FdSocket:
                 raise ProtocolViolation(f"{self.channel.value} channel: {exc}") from exc
 
     def close(self) -> None:
-        self.sock.close()
+        self.stream.close()
         self.decoder.close()
 
 
