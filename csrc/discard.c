@@ -9,7 +9,8 @@
  * own page-table entries and the page cache keeps every page.
  *
  * Runs in a worker thread while the event loop uses the virtqueues; it only
- * writes the per-region discard_method/discard_errno fields.
+ * writes the per-region discard_method/discard_errno fields and the
+ * huge_cut bitmap (which nothing else reads while a discard may run).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -51,7 +52,7 @@ static void insertion_sort(uint32_t *a, uint32_t n)
  * every key (typical for the high bits of PFNs of a small guest) is
  * skipped.  Balloon batches reach a few hundred thousand PFNs, where this
  * is several times faster than qsort. */
-static void sort_u32(uint32_t *a, uint32_t n)
+void vb_sort_u32(uint32_t *a, uint32_t n)
 {
     static const unsigned shifts[RADIX_PASSES] = {0, RADIX_BITS, 2 * RADIX_BITS};
     uint32_t (*count)[RADIX_BUCKETS];
@@ -145,6 +146,95 @@ static int punch_madvise(const vb_region *r, uint64_t off, uint64_t len, vb_disc
     return rc;
 }
 
+/* Huge page size that decides what a punch into region r does, 0 if none:
+ * hugetlbfs always has one (f_bsize, or the configured granule); shmem only
+ * where a THP may back it (vb_track_configure). */
+static uint64_t punch_granule(const vb_region *r)
+{
+    if (r->backing == VB_BACKING_HUGETLBFS) {
+        return r->granule > VB_PAGE_SIZE ? r->granule : r->fs_block;
+    }
+    if (r->thp && r->granule > VB_PAGE_SIZE) {
+        return r->granule;
+    }
+    return 0;
+}
+
+/* Counts a partial punch into huge page `huge` (file offset / g) of a
+ * THP-possible region as a split the first time only: once split, later
+ * punches into it split nothing.  Freeing it whole forgets that. */
+static void note_cut(vb_region *r, uint64_t huge, vb_discard_stats *st)
+{
+    uint64_t h = huge - r->huge_first;
+
+    if (r->huge_cut == NULL || h >= r->nhuge) {
+        st->huge_split++;       /* not tracked: count every time */
+        return;
+    }
+    if (!(r->huge_cut[h / 64] & ((uint64_t)1 << (h % 64)))) {
+        r->huge_cut[h / 64] |= (uint64_t)1 << (h % 64);
+        st->huge_split++;
+    }
+}
+
+static void forget_cuts(vb_region *r, uint64_t first_huge, uint64_t end_huge)
+{
+    if (r->huge_cut == NULL) {
+        return;
+    }
+    for (uint64_t h = first_huge; h < end_huge; h++) {
+        uint64_t i = h - r->huge_first;
+
+        if (i < r->nhuge) {
+            r->huge_cut[i / 64] &= ~((uint64_t)1 << (i % 64));
+        }
+    }
+}
+
+/* Accounts a freed range [off, off+len) of region r by backing kind and by
+ * huge pages (file offsets): whole ones, and those punched only in part. */
+static void classify(vb_region *r, uint64_t off, uint64_t len, vb_discard_stats *st)
+{
+    uint64_t g = punch_granule(r);
+    uint64_t a, b, first_whole, end_whole, whole;
+
+    switch (r->backing) {
+    case VB_BACKING_SHMEM:
+        st->bytes_shmem += len;
+        break;
+    case VB_BACKING_HUGETLBFS:
+        st->bytes_hugetlbfs += len;
+        break;
+    default:
+        st->bytes_file += len;
+        break;
+    }
+    if (g <= VB_PAGE_SIZE || (g & (g - 1)) != 0) {
+        return;
+    }
+    a = r->mmap_offset + off;
+    b = a + len;
+    first_whole = (a + g - 1) & ~(g - 1);
+    end_whole = b & ~(g - 1);
+    whole = end_whole > first_whole ? (end_whole - first_whole) / g : 0;
+    st->huge_whole += whole;
+    if (r->backing == VB_BACKING_HUGETLBFS) {
+        st->hugetlb_partial_bytes += len - whole * g;
+        return;
+    }
+    if (whole) {
+        forget_cuts(r, first_whole / g, end_whole / g);
+    }
+    /* The huge page holding a, and the one holding b - 1, are cut when the
+     * range does not start (end) on a boundary; they may be the same one. */
+    if ((a & (g - 1)) != 0) {
+        note_cut(r, a / g, st);
+    }
+    if ((b & (g - 1)) != 0) {
+        note_cut(r, (b - 1) / g, st);
+    }
+}
+
 /*
  * Frees [off, off+len) of region idx.  The first call per region finds out
  * which method works (fallocate first: it needs no mapping and works on
@@ -166,12 +256,14 @@ static int free_range(vb_mem *mem, int idx, uint64_t off, uint64_t len, vb_disca
         if (punch_fallocate(r, off, len, st) == 0) {
             r->discard_method = VB_DISCARD_FALLOCATE;
             st->bytes_freed += len;
+            classify(r, off, len, st);
             return 0;
         }
     }
     if (punch_madvise(r, off, len, st) == 0) {
         r->discard_method = VB_DISCARD_MADVISE;
         st->bytes_freed += len;
+        classify(r, off, len, st);
         return 0;
     }
     e = errno;
@@ -186,7 +278,7 @@ int vb_discard_pfns(vb_mem *mem, uint32_t *pfns, uint32_t n, vb_discard_stats *s
     int rc = 0;
 
     stats_init(st);
-    sort_u32(pfns, n);
+    vb_sort_u32(pfns, n);
     while (k < n) {
         uint32_t first = pfns[k];
         uint64_t gpa = (uint64_t)first << VB_PAGE_SHIFT;
@@ -225,12 +317,12 @@ int vb_discard_pfns(vb_mem *mem, uint32_t *pfns, uint32_t n, vb_discard_stats *s
     return rc;
 }
 
-int vb_discard_range(vb_mem *mem, uint64_t gpa, uint64_t len, vb_discard_stats *st)
+/* One range of vb_discard_range / vb_discard_ranges; st accumulates. */
+static int discard_one_range(vb_mem *mem, uint64_t gpa, uint64_t len, vb_discard_stats *st)
 {
     int idx;
     const vb_region *r;
 
-    stats_init(st);
     if (len == 0) {
         return 0;
     }
@@ -245,4 +337,24 @@ int vb_discard_range(vb_mem *mem, uint64_t gpa, uint64_t len, vb_discard_stats *
     }
     r = &mem->regions[idx];
     return free_range(mem, idx, gpa - r->gpa, len, st);
+}
+
+int vb_discard_range(vb_mem *mem, uint64_t gpa, uint64_t len, vb_discard_stats *st)
+{
+
+    stats_init(st);
+    return discard_one_range(mem, gpa, len, st);
+}
+
+int vb_discard_ranges(vb_mem *mem, const vb_range *ranges, uint32_t n, vb_discard_stats *st)
+{
+    int rc = 0;
+
+    stats_init(st);
+    for (uint32_t i = 0; i < n; i++) {
+        if (discard_one_range(mem, ranges[i].gpa, ranges[i].len, st) < 0) {
+            rc = -1;
+        }
+    }
+    return rc;
 }

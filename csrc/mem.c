@@ -28,6 +28,7 @@ static void region_release(vb_region *r)
         close(r->fd);
     }
     free(r->ballooned);
+    vb_track_release(r);
     memset(r, 0, sizeof(*r));
     r->fd = -1;
 }
@@ -61,9 +62,10 @@ int vb_mem_add(vb_mem *mem, int fd, uint64_t gpa, uint64_t size,
                uint64_t uaddr, uint64_t mmap_offset, char *err, size_t errlen)
 {
     uint32_t i, pos;
-    uint64_t words;
+    uint64_t words, fs_block = 0;
     void *host;
     uint64_t *bitmap;
+    int backing;
 
     if (size == 0) {
         vb_seterr(err, errlen, "region gpa 0x%" PRIx64 " has size 0", gpa);
@@ -136,6 +138,15 @@ int vb_mem_add(vb_mem *mem, int fd, uint64_t gpa, uint64_t size,
         }
     }
 
+    /* What the fd lives on decides how huge pages can be freed.  fstat
+     * worked, so fstatfs of the same fd fails only in theory: then it is
+     * treated as a plain file (no huge pages assumed). */
+    backing = vb_fd_backing(fd, &fs_block);
+    if (backing < 0) {
+        backing = VB_BACKING_FILE;
+        fs_block = 0;
+    }
+
     /* MAP_NORESERVE: guest RAM is mostly not ours to account for; the
      * front-end already committed to it. */
     host = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
@@ -174,6 +185,9 @@ int vb_mem_add(vb_mem *mem, int fd, uint64_t gpa, uint64_t size,
         .ballooned_pages = 0,
         .discard_errno = 0,
         .discard_method = VB_DISCARD_UNTRIED,
+        .backing = backing,
+        .fs_block = fs_block,
+        .granule = VB_PAGE_SIZE,    /* no deferral until vb_track_configure */
     };
     mem->nregions++;
     return 0;

@@ -30,6 +30,24 @@ typedef struct vb_region {
     uint64_t ballooned_pages;
     int discard_errno;      /* != 0: neither fallocate nor madvise frees this region */
     int discard_method;     /* 0 not tried yet, 1 fallocate, 2 madvise(MADV_REMOVE) */
+
+    /* Huge page tracking (vb_track_*, below).  Huge pages are counted by
+     * file offset: huge page h covers fd offsets [h * granule, (h+1) * granule). */
+    int backing;            /* VB_BACKING_*: fstatfs of fd at vb_mem_add (or vb_track_configure) */
+    uint64_t fs_block;      /* f_bsize from that fstatfs (the huge page size on hugetlbfs) */
+    int thp;                /* a partial punch may split a transparent huge page here */
+    int track_configured;   /* vb_track_configure has run for this region */
+    uint64_t granule;       /* tracked huge page size; 4096: pages are freed as they come */
+    uint64_t huge_first;    /* mmap_offset / granule: the first huge page the region touches */
+    uint64_t nhuge;         /* huge pages the region touches, wholly or in part */
+    uint32_t *huge_ballooned; /* per huge page: its pages the tracker counts as ballooned */
+    uint32_t *huge_pending;   /* per huge page: its pending pages */
+    uint64_t *tracked;      /* bitmap per 4 KiB page: counted in huge_ballooned */
+    uint64_t *pending;      /* bitmap per 4 KiB page: ballooned, not handed out to be freed yet */
+    uint64_t pending_pages;
+    uint64_t pending_since_ns; /* CLOCK_MONOTONIC when pending_pages last went 0 -> >0; 0 if none */
+    uint64_t *huge_cut;     /* bitmap per huge page: punched in part since it was last freed
+                             * whole (the discard engine's; a THP splits only once) */
 } vb_region;
 
 typedef struct vb_mem {
@@ -60,7 +78,31 @@ typedef struct vb_discard_stats {
     uint64_t pages_outside; /* PFNs that lie in no region (ignored) */
     int last_errno;         /* errno of the last failure, 0 if none */
     int failed_region;      /* index of the region that failed, -1 if none */
+    /* What the freed ranges were, by the region's huge page size (file
+     * offsets; see vb_track_configure).  Counted for ranges the kernel accepted. */
+    uint64_t huge_whole;    /* whole huge pages freed (THP-possible shmem and hugetlbfs) */
+    uint64_t huge_split;    /* huge pages of THP-possible shmem first punched in part (not
+                             * again until freed whole): each split that huge page if it
+                             * was a THP at that moment */
+    uint64_t hugetlb_partial_bytes; /* hugetlbfs bytes outside whole huge pages: the kernel
+                             * accepts the punch but only zeroes them and frees nothing */
+    uint64_t bytes_shmem;   /* bytes_freed by backing kind */
+    uint64_t bytes_hugetlbfs;
+    uint64_t bytes_file;
 } vb_discard_stats;
+
+/* A guest-physical byte range, 4 KiB aligned, inside one region. */
+typedef struct vb_range {
+    uint64_t gpa;
+    uint64_t len;
+} vb_range;
+
+/* vb_region.backing: what fstatfs says the region's fd lives on. */
+enum {
+    VB_BACKING_FILE = 0,        /* anything else: no huge pages we know of */
+    VB_BACKING_SHMEM = 1,       /* TMPFS_MAGIC: memfd, tmpfs, shared anonymous */
+    VB_BACKING_HUGETLBFS = 2    /* HUGETLBFS_MAGIC: every page is a huge page */
+};
 
 /* ---- guest memory table ------------------------------------------------ */
 vb_mem *vb_mem_new(void);
@@ -129,6 +171,66 @@ uint32_t vb_balloon_update(vb_mem *mem, const uint32_t *pfns, uint32_t n, int in
 int vb_discard_pfns(vb_mem *mem, uint32_t *pfns, uint32_t n, vb_discard_stats *st);
 /* Frees one guest-physical byte range (page aligned) the same way. */
 int vb_discard_range(vb_mem *mem, uint64_t gpa, uint64_t len, vb_discard_stats *st);
+/* Frees each range (as vb_discard_range; ranges are not merged or sorted
+ * here) and classifies it in st (huge_whole, huge_split, ...).  A range
+ * that is not 4 KiB aligned or not inside one region is refused (counted in
+ * bytes_failed / pages_outside) and the others still run.  Blocking. */
+int vb_discard_ranges(vb_mem *mem, const vb_range *ranges, uint32_t n, vb_discard_stats *st);
+
+/* ---- huge page tracking -------------------------------------------------
+ * Frees ballooned memory in whole huge pages whatever order the guest's
+ * 4 KiB pages arrive in.  Per region and per huge page (by file offset) the
+ * tracker counts ballooned pages; a huge page whose every page is ballooned
+ * is handed out as one range; the other ballooned pages stay "pending"
+ * until a policy collects them (vhostballoon/device/hugepages.py).  A huge
+ * page only partly inside its region (mmap_offset not huge-aligned) is
+ * never whole: its pages can be freed only as pending ones.
+ *
+ * Invariant, whatever the caller passes: every range handed out by
+ * vb_track_inflate or vb_track_collect consists of pages that are
+ * ballooned in the region's bitmap at that moment.  The caller must free
+ * the ranges before it next calls vb_track_deflate / vb_balloon_update
+ * (deflate is sacred: a page the guest took back must never be freed).
+ *
+ * Threads: none of these may run concurrently with each other, with
+ * vb_balloon_update or with a table change; vb_discard_ranges may run in
+ * another thread only while the caller keeps all of them from running
+ * (the server holds its memory lock across the worker thread). */
+
+/* f_type of fstatfs(fd) as a VB_BACKING_* value (-1 and errno if fstatfs
+ * fails); *block gets f_bsize. */
+int vb_fd_backing(int fd, uint64_t *block);
+/* Sets how region `region` is tracked: granule (power of two, 4 KiB to
+ * 1 GiB; 4096 means "no huge pages": every ballooned page is handed out at
+ * once), its backing kind and whether partial punches can split a THP
+ * there.  Refused while the region has pending pages.  Pages ballooned
+ * before the call count as ballooned and already freed. */
+int vb_track_configure(vb_mem *mem, uint32_t region, uint64_t granule, int backing, int thp,
+                       char *err, size_t errlen);
+/* For PFNs that just became ballooned (vb_balloon_update's changed[]):
+ * counts them per huge page and writes to ranges[] one range per run of
+ * huge pages that became wholly ballooned (merged when adjacent), then the
+ * coalesced pages of regions whose granule is 4 KiB.  The rest become
+ * pending.  PFNs outside guest memory, not ballooned in the bitmap, or
+ * already counted are ignored.  max_ranges must be >= n (a batch never
+ * yields more ranges than PFNs); returns the number of ranges, or -1 when
+ * max_ranges < n (nothing done). */
+int vb_track_inflate(vb_mem *mem, const uint32_t *pfns, uint32_t n,
+                     vb_range *ranges, uint32_t max_ranges);
+/* For PFNs that just left the balloon (vb_balloon_update's changed[] on
+ * deflate): uncounts them and drops them from pending.  PFNs still
+ * ballooned in the bitmap, or not counted, are ignored.  Returns how many
+ * pending pages were dropped. */
+uint32_t vb_track_deflate(vb_mem *mem, const uint32_t *pfns, uint32_t n);
+/* Takes pending pages of region `region` (-1: every region) as coalesced
+ * ranges, at most max_ranges, and clears them.  hugetlbfs regions are
+ * skipped: a partial punch there frees nothing, so their pages stay
+ * pending until their huge page completes.  Returns the number of ranges. */
+uint32_t vb_track_collect(vb_mem *mem, int region, vb_range *ranges, uint32_t max_ranges);
+/* Pending pages over all regions; with collectable_only, only those
+ * vb_track_collect would take.  *oldest_ns (may be NULL) gets the earliest
+ * pending_since_ns of those regions (CLOCK_MONOTONIC), 0 if none pending. */
+uint64_t vb_track_pending(const vb_mem *mem, int collectable_only, uint64_t *oldest_ns);
 
 /* CDEF-END */
 

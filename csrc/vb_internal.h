@@ -40,4 +40,11 @@ static inline void vb_seterr(char *err, size_t errlen, const char *fmt, ...)
  * search. */
 int vb_mem_find_gpa(const vb_mem *mem, uint64_t gpa);
 
+/* Sorts n PFNs ascending (radix sort; discard.c). */
+void vb_sort_u32(uint32_t *a, uint32_t n);
+
+/* Frees a region's huge page tracking arrays and resets it to "no huge
+ * pages" (granule 4 KiB); track.c. */
+void vb_track_release(vb_region *r);
+
 #endif

@@ -3,11 +3,15 @@
 This is the only module that imports the cffi extension; the rest of the
 project uses the classes below and never sees a cdata.
 
-Threading: cffi releases the GIL during every C call.  ``GuestMemory.discard``
-and ``discard_range`` may run in a worker thread while the event loop pops
-and pushes on virtqueues; they only write the per-region discard fields.
-Adding, removing or clearing regions must not overlap any other call (the
-server serialises them with a lock).
+Threading: cffi releases the GIL during every C call.  ``GuestMemory.discard``,
+``discard_range`` and ``discard_ranges`` may run in a worker thread while the
+event loop pops and pushes on virtqueues; they only write the per-region
+discard fields.  Adding, removing or clearing regions must not overlap any
+other call (the server serialises them with a lock).  The huge page tracker
+(``track_*``, ``collect_pending``) runs under that same lock, and the ranges
+it hands out must be discarded before the lock is released: a deflate that
+ran in between could otherwise see a page freed after the guest took it
+back.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 
 _ERRLEN = 512
 _DISCARD_METHODS = {0: "untried", 1: "fallocate", 2: "madvise"}
+
+# What a region's fd lives on (vb.h VB_BACKING_*, from fstatfs f_type).
+BACKING_KINDS = ("file", "shmem", "hugetlbfs")
+_BACKING_CODES = {name: code for code, name in enumerate(BACKING_KINDS)}
 
 
 class NativeError(Exception):
@@ -50,6 +58,12 @@ class RegionInfo:
     ballooned_pages: int
     discard_errno: int
     discard_method: str  # "untried" | "fallocate" | "madvise"
+    backing: str = "file"  # "shmem" | "hugetlbfs" | "file" (fstatfs of fd)
+    fs_block: int = 0  # f_bsize: the huge page size on hugetlbfs
+    huge_page_size: int = PAGE_SIZE  # tracked granule; PAGE_SIZE = freed page by page at once
+    thp: bool = False  # partial punches may split a transparent huge page here
+    track_configured: bool = False
+    pending_pages: int = 0  # ballooned, held back until their huge page completes or a flush
 
 
 @dataclass
@@ -61,6 +75,18 @@ class DiscardStats:
     pages_outside: int = 0
     last_errno: int = 0
     failed_region: int = -1
+    # By the region's huge page size, by file offset (vb.h vb_discard_stats):
+    huge_pages_whole: int = 0  # whole huge pages freed (THP-possible shmem, hugetlbfs)
+    splits: int = 0  # THP-possible huge pages first punched in part (once until freed whole): THP splits
+    hugetlb_partial_bytes: int = 0  # hugetlbfs bytes outside whole huge pages: zeroed, not freed
+    bytes_shmem: int = 0  # bytes_freed by backing kind
+    bytes_hugetlbfs: int = 0
+    bytes_file: int = 0
+
+    _SUMMED = (
+        "bytes_freed", "bytes_failed", "ranges", "syscalls", "pages_outside", "huge_pages_whole",
+        "splits", "hugetlb_partial_bytes", "bytes_shmem", "bytes_hugetlbfs", "bytes_file",
+    )
 
     @classmethod
     def _from_c(cls, st) -> DiscardStats:
@@ -72,15 +98,18 @@ class DiscardStats:
             pages_outside=st.pages_outside,
             last_errno=st.last_errno,
             failed_region=st.failed_region,
+            huge_pages_whole=st.huge_whole,
+            splits=st.huge_split,
+            hugetlb_partial_bytes=st.hugetlb_partial_bytes,
+            bytes_shmem=st.bytes_shmem,
+            bytes_hugetlbfs=st.bytes_hugetlbfs,
+            bytes_file=st.bytes_file,
         )
 
     def add(self, other: DiscardStats) -> None:
         """Accumulate other's totals; its failure (if any) becomes the latest."""
-        self.bytes_freed += other.bytes_freed
-        self.bytes_failed += other.bytes_failed
-        self.ranges += other.ranges
-        self.syscalls += other.syscalls
-        self.pages_outside += other.pages_outside
+        for name in self._SUMMED:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
         if other.failed_region >= 0 or other.last_errno:
             self.last_errno = other.last_errno
             self.failed_region = other.failed_region
@@ -124,6 +153,66 @@ class PfnArray:
         head = self.tolist()[:8]
         more = ", ..." if self.n > 8 else ""
         return f"PfnArray(n={self.n}, capacity={self.capacity}, [{', '.join(map(hex, head))}{more}])"
+
+
+class RangeList:
+    """Guest-physical byte ranges in C memory (vb_range[capacity]), as the
+    huge page tracker hands them out and ``GuestMemory.discard_ranges``
+    frees them.  ``n`` is how many are in use."""
+
+    __slots__ = ("capacity", "n", "cdata")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"RangeList capacity {capacity} is negative")
+        self.capacity = capacity
+        self.n = 0
+        self.cdata = ffi.new("vb_range[]", max(capacity, 1))
+
+    @classmethod
+    def from_list(cls, ranges: Sequence[tuple[int, int]]) -> RangeList:
+        out = cls(len(ranges))
+        for i, (gpa, length) in enumerate(ranges):
+            if not (0 <= gpa < 1 << 64 and 0 <= length < 1 << 64):
+                raise ValueError(f"range gpa {gpa:#x} length {length:#x} is not 64-bit")
+            out.cdata[i].gpa = gpa
+            out.cdata[i].len = length
+        out.n = len(ranges)
+        return out
+
+    def __add__(self, other: RangeList) -> RangeList:
+        """Both lists' ranges, self's first (a new list)."""
+        out = RangeList(self.n + other.n)
+        size = ffi.sizeof("vb_range")
+        ffi.memmove(out.cdata, self.cdata, self.n * size)
+        ffi.memmove(out.cdata + self.n, other.cdata, other.n * size)
+        out.n = self.n + other.n
+        return out
+
+    def tolist(self) -> list[tuple[int, int]]:
+        return [(self.cdata[i].gpa, self.cdata[i].len) for i in range(self.n)]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.cdata[i].len for i in range(self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        head = ", ".join(f"{gpa:#x}+{length:#x}" for gpa, length in self.tolist()[:6])
+        more = ", ..." if self.n > 6 else ""
+        return f"RangeList(n={self.n}, [{head}{more}])"
+
+
+def fd_backing(fd: int) -> tuple[str, int]:
+    """What fd lives on, by fstatfs: ("shmem" | "hugetlbfs" | "file", f_bsize)."""
+    block = ffi.new("uint64_t *")
+    code = lib.vb_fd_backing(fd, block)
+    if code < 0:
+        err = ffi.errno
+        raise OSError(err, f"fstatfs of fd {fd}: {os.strerror(err)}")
+    return BACKING_KINDS[code], block[0]
 
 
 @dataclass
@@ -226,9 +315,22 @@ class GuestMemory:
                     ballooned_pages=r.ballooned_pages,
                     discard_errno=r.discard_errno,
                     discard_method=_DISCARD_METHODS.get(r.discard_method, str(r.discard_method)),
+                    backing=BACKING_KINDS[r.backing] if 0 <= r.backing < len(BACKING_KINDS) else str(r.backing),
+                    fs_block=r.fs_block,
+                    huge_page_size=r.granule,
+                    thp=bool(r.thp),
+                    track_configured=bool(r.track_configured),
+                    pending_pages=r.pending_pages,
                 )
             )
         return out
+
+    def host_address(self, index: int) -> int:
+        """Start of our own mapping of region `index` (for /proc/self/smaps)."""
+        mem = self._table()
+        if not 0 <= index < mem.nregions:
+            raise IndexError(f"region {index} out of range (table has {mem.nregions} regions)")
+        return int(ffi.cast("uintptr_t", mem.regions[index].host))
 
     @property
     def total_bytes(self) -> int:
@@ -301,6 +403,75 @@ class GuestMemory:
         st = ffi.new("vb_discard_stats *")
         lib.vb_discard_range(mem, gpa, length, st)
         return DiscardStats._from_c(st)
+
+    def discard_ranges(self, ranges: RangeList) -> DiscardStats:
+        """Free each range (one fallocate per range, or madvise where that is
+        refused), counting whole huge pages and THP splits.  Blocking."""
+        mem = self._table()
+        st = ffi.new("vb_discard_stats *")
+        lib.vb_discard_ranges(mem, ranges.cdata, ranges.n, st)
+        return DiscardStats._from_c(st)
+
+    # -- huge page tracking ----------------------------------------------------------
+
+    def configure_huge_pages(self, index: int, huge_page_size: int, backing: str, thp: bool) -> None:
+        """Track region `index` in huge pages of huge_page_size bytes (by file
+        offset).  PAGE_SIZE turns deferral off: ballooned pages are handed
+        out at once.  backing decides what may be flushed (never partial
+        hugetlbfs pages); thp marks partial punches as THP splits."""
+        mem = self._table()
+        if backing not in _BACKING_CODES:
+            raise ValueError(f"backing {backing!r} is not one of {BACKING_KINDS}")
+        if not (0 <= index < 1 << 32 and 0 <= huge_page_size < 1 << 64):
+            raise MemoryTableError(f"region {index}: bad huge page size {huge_page_size}")
+        err = _errbuf()
+        if lib.vb_track_configure(mem, index, huge_page_size, _BACKING_CODES[backing], 1 if thp else 0,
+                                  err, _ERRLEN) < 0:
+            raise MemoryTableError(_errtext(err))
+
+    def track_inflate(self, changed: PfnArray) -> RangeList:
+        """Count PFNs that just became ballooned (``balloon_update(...).changed``)
+        per huge page.  Returns what may be freed now: each huge page that
+        became wholly ballooned as one range, and the pages of regions that
+        do not defer (coalesced).  The rest is pending."""
+        mem = self._table()
+        out = RangeList(changed.n)
+        n = lib.vb_track_inflate(mem, changed.cdata, changed.n, out.cdata, out.capacity)
+        if n < 0:  # capacity is n by construction
+            raise NativeError(f"vb_track_inflate: {changed.n} PFNs but room for {out.capacity} ranges")
+        out.n = n
+        return out
+
+    def track_deflate(self, changed: PfnArray) -> int:
+        """PFNs that just left the balloon: never to be freed from now on.
+        Returns how many of them were pending."""
+        return lib.vb_track_deflate(self._table(), changed.cdata, changed.n)
+
+    def collect_pending(self, region: int | None = None) -> RangeList:
+        """Take every pending page (of one region, or all) that a punch can
+        free, as coalesced ranges; they are no longer pending.  Pending
+        pages of hugetlbfs regions stay: a partial punch there frees nothing."""
+        mem = self._table()
+        if region is not None and not 0 <= region < mem.nregions:
+            raise IndexError(f"region {region} out of range (table has {mem.nregions} regions)")
+        if region is None:
+            capacity = lib.vb_track_pending(mem, 1, ffi.NULL)
+        else:
+            capacity = mem.regions[region].pending_pages
+        out = RangeList(capacity)
+        out.n = lib.vb_track_collect(mem, -1 if region is None else region, out.cdata, out.capacity)
+        return out
+
+    def pending(self, collectable_only: bool = False) -> tuple[int, int | None]:
+        """(bytes pending, CLOCK_MONOTONIC ns since when, or None), over every
+        region or only those collect_pending takes from."""
+        oldest = ffi.new("uint64_t *")
+        pages = lib.vb_track_pending(self._table(), 1 if collectable_only else 0, oldest)
+        return pages * PAGE_SIZE, (oldest[0] or None) if pages else None
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.pending()[0]
 
 
 class Virtqueue:

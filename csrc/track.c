@@ -1,0 +1,521 @@
+/*
+ * Huge page tracking: frees ballooned guest memory in whole huge pages,
+ * whatever order the guest's 4 KiB pages arrive in.
+ *
+ * The guest balloons 4 KiB pages in effectively random order, 256 per
+ * buffer.  Punching a 4 KiB hole into a transparent huge page splits it (and
+ * costs a syscall per page); on hugetlbfs it frees nothing at all (the
+ * kernel only zeroes a partial huge page).  So per region we count, per
+ * huge page, how many of its pages are ballooned; a huge page whose pages
+ * are all ballooned is handed out as one range, and the others wait as
+ * "pending" until a policy decides to free them anyway (or the guest takes
+ * them back).  QEMU remembers one partially ballooned huge page and forgets
+ * it as soon as a page of another one arrives; this keeps them all.
+ *
+ * Huge pages are aligned by file offset: the kernel allocates them by page
+ * cache index, so region page p lies in huge page
+ * (mmap_offset / 4096 + p) / pages_per_huge_page.  A huge page only partly
+ * inside the region is never whole here, because its other part belongs to
+ * another region or to no region at all.
+ *
+ * State per region (vb_region): `tracked` is the tracker's own copy of the
+ * ballooned bitmap (so a repeated or bogus PFN cannot make a count lie),
+ * `pending` the ballooned pages not handed out yet, `huge_ballooned` and
+ * `huge_pending` per huge page counts of those two bitmaps.
+ *
+ * Runs on the event loop under the server's memory lock, like
+ * vb_balloon_update; see vb.h for the threading rule.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/vfs.h>
+#include <time.h>
+
+#include "vb_internal.h"
+
+/* f_type values, linux/include/uapi/linux/magic.h. */
+#define TMPFS_MAGIC_VALUE 0x01021994
+#define HUGETLBFS_MAGIC_VALUE 0x958458f6
+
+/* 1 GiB huge pages are the largest x86 and arm64 have; a per huge page
+ * count of 4 KiB pages then still fits in 32 bits with room to spare. */
+#define VB_GRANULE_MAX ((uint64_t)1 << 30)
+
+int vb_fd_backing(int fd, uint64_t *block)
+{
+    struct statfs sfs;
+
+    if (fstatfs(fd, &sfs) < 0) {
+        return -1;
+    }
+    *block = (uint64_t)sfs.f_bsize;
+    switch ((uint32_t)sfs.f_type) {
+    case TMPFS_MAGIC_VALUE:
+        return VB_BACKING_SHMEM;
+    case HUGETLBFS_MAGIC_VALUE:
+        return VB_BACKING_HUGETLBFS;
+    default:
+        return VB_BACKING_FILE;
+    }
+}
+
+static uint64_t monotonic_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- bitmaps and geometry ------------------------------------------------ */
+
+static inline int bit_test(const uint64_t *bm, uint64_t i)
+{
+    return (bm[i / 64] >> (i % 64)) & 1;
+}
+
+static inline void bit_set(uint64_t *bm, uint64_t i)
+{
+    bm[i / 64] |= (uint64_t)1 << (i % 64);
+}
+
+static inline void bit_clear(uint64_t *bm, uint64_t i)
+{
+    bm[i / 64] &= ~((uint64_t)1 << (i % 64));
+}
+
+/* First set bit of bm at or after i and before end; end if none. */
+static uint64_t next_set(const uint64_t *bm, uint64_t i, uint64_t end)
+{
+    while (i < end) {
+        uint64_t w = bm[i / 64] >> (i % 64);
+
+        if (w != 0) {
+            i += (uint64_t)__builtin_ctzll(w);
+            return i < end ? i : end;
+        }
+        i = (i / 64 + 1) * 64;
+    }
+    return end;
+}
+
+static inline uint64_t pages_per_huge(const vb_region *r)
+{
+    return r->granule >> VB_PAGE_SHIFT;
+}
+
+/* Huge page (index into the per huge page arrays) holding region page p. */
+static inline uint64_t huge_of(const vb_region *r, uint64_t p)
+{
+    return ((r->mmap_offset >> VB_PAGE_SHIFT) + p) / pages_per_huge(r) - r->huge_first;
+}
+
+/* Region pages [*first, *end) of huge page h; returns whether h lies
+ * wholly inside the region. */
+static int huge_span(const vb_region *r, uint64_t h, uint64_t *first, uint64_t *end)
+{
+    uint64_t ppg = pages_per_huge(r);
+    uint64_t off_pages = r->mmap_offset >> VB_PAGE_SHIFT;
+    uint64_t npages = r->size >> VB_PAGE_SHIFT;
+    uint64_t start = (r->huge_first + h) * ppg;     /* file page */
+    int whole = start >= off_pages && start + ppg <= off_pages + npages;
+
+    *first = start > off_pages ? start - off_pages : 0;
+    *end = start + ppg - off_pages < npages ? start + ppg - off_pages : npages;
+    return whole;
+}
+
+static void pending_drop(vb_region *r, uint64_t p, uint64_t h)
+{
+    bit_clear(r->pending, p);
+    r->huge_pending[h]--;
+    if (--r->pending_pages == 0) {
+        r->pending_since_ns = 0;
+    }
+}
+
+static void pending_add(vb_region *r, uint64_t p, uint64_t h, uint64_t *now)
+{
+    bit_set(r->pending, p);
+    r->huge_pending[h]++;
+    if (r->pending_pages++ == 0) {
+        if (*now == 0) {
+            *now = monotonic_ns();
+        }
+        r->pending_since_ns = *now;
+    }
+}
+
+/* The tracker counts huge page h as wholly ballooned: check that against
+ * the ballooned bitmap before anything is freed.  They can only disagree
+ * when the caller skipped a vb_track_deflate; then the pages the guest took
+ * back are uncounted here and the huge page is not whole after all. */
+static int confirm_whole(vb_region *r, uint64_t h, uint64_t first, uint64_t end)
+{
+    int whole = 1;
+    uint64_t diff = 0;
+
+    for (uint64_t w = first / 64; w <= (end - 1) / 64; w++) {
+        uint64_t mask = ~(uint64_t)0;
+
+        if (w == first / 64) {
+            mask &= ~(uint64_t)0 << (first % 64);
+        }
+        if (w == (end - 1) / 64 && end % 64 != 0) {
+            mask &= ~(uint64_t)0 >> (64 - end % 64);
+        }
+        diff |= r->tracked[w] & ~r->ballooned[w] & mask;
+    }
+    if (diff == 0) {
+        return 1;       /* the usual case, a word at a time */
+    }
+    for (uint64_t p = first; p < end; p++) {
+        if (!bit_test(r->ballooned, p) && bit_test(r->tracked, p)) {
+            bit_clear(r->tracked, p);
+            r->huge_ballooned[h]--;
+            if (bit_test(r->pending, p)) {
+                pending_drop(r, p, h);
+            }
+            whole = 0;
+        }
+    }
+    return whole;
+}
+
+/* ---- configuration ------------------------------------------------------- */
+
+void vb_track_release(vb_region *r)
+{
+    free(r->huge_ballooned);
+    free(r->huge_pending);
+    free(r->tracked);
+    free(r->pending);
+    free(r->huge_cut);
+    r->huge_ballooned = r->huge_pending = NULL;
+    r->tracked = r->pending = r->huge_cut = NULL;
+    r->granule = VB_PAGE_SIZE;
+    r->huge_first = r->nhuge = 0;
+    r->pending_pages = 0;
+    r->pending_since_ns = 0;
+}
+
+int vb_track_configure(vb_mem *mem, uint32_t region, uint64_t granule, int backing, int thp,
+                       char *err, size_t errlen)
+{
+    vb_region *r;
+    uint64_t npages, words, huge_end, nhuge;
+    uint32_t *huge_ballooned, *huge_pending;
+    uint64_t *tracked, *pending, *huge_cut;
+
+    if (region >= mem->nregions) {
+        vb_seterr(err, errlen, "region %" PRIu32 " out of range (table has %" PRIu32 " regions)",
+                  region, mem->nregions);
+        return -1;
+    }
+    r = &mem->regions[region];
+    if (granule < VB_PAGE_SIZE || granule > VB_GRANULE_MAX || (granule & (granule - 1)) != 0) {
+        vb_seterr(err, errlen,
+                  "region %" PRIu32 ": huge page size %" PRIu64 " is not a power of two"
+                  " from 4096 to %" PRIu64, region, granule, VB_GRANULE_MAX);
+        return -1;
+    }
+    if (backing < VB_BACKING_FILE || backing > VB_BACKING_HUGETLBFS) {
+        vb_seterr(err, errlen, "region %" PRIu32 ": unknown backing kind %d", region, backing);
+        return -1;
+    }
+    if (r->pending_pages != 0) {
+        vb_seterr(err, errlen,
+                  "region %" PRIu32 " has %" PRIu64 " pending pages; collect them before"
+                  " changing its huge page size", region, r->pending_pages);
+        return -1;
+    }
+    if (granule == VB_PAGE_SIZE) {
+        vb_track_release(r);
+        r->backing = backing;
+        r->thp = thp != 0;
+        r->track_configured = 1;
+        return 0;
+    }
+
+    npages = r->size >> VB_PAGE_SHIFT;
+    words = (npages + 63) / 64;
+    huge_end = (r->mmap_offset + r->size + granule - 1) / granule;
+    nhuge = huge_end - r->mmap_offset / granule;
+    huge_ballooned = calloc((size_t)nhuge, sizeof(uint32_t));
+    huge_pending = calloc((size_t)nhuge, sizeof(uint32_t));
+    tracked = malloc((size_t)words * sizeof(uint64_t));
+    pending = calloc((size_t)words, sizeof(uint64_t));
+    huge_cut = calloc((size_t)((nhuge + 63) / 64), sizeof(uint64_t));
+    if (huge_ballooned == NULL || huge_pending == NULL || tracked == NULL || pending == NULL ||
+        huge_cut == NULL) {
+        free(huge_ballooned);
+        free(huge_pending);
+        free(tracked);
+        free(pending);
+        free(huge_cut);
+        vb_seterr(err, errlen,
+                  "region %" PRIu32 ": no memory to track %" PRIu64 " huge pages of %" PRIu64
+                  " bytes", region, nhuge, granule);
+        return -1;
+    }
+    vb_track_release(r);
+    r->backing = backing;
+    r->thp = thp != 0;
+    r->granule = granule;
+    r->huge_first = r->mmap_offset / granule;
+    r->nhuge = nhuge;
+    r->huge_ballooned = huge_ballooned;
+    r->huge_pending = huge_pending;
+    r->tracked = tracked;
+    r->pending = pending;
+    r->huge_cut = huge_cut;
+    r->track_configured = 1;
+
+    /* Pages ballooned already were freed by whoever handled them: count
+     * them, but they are not pending. */
+    memcpy(tracked, r->ballooned, (size_t)words * sizeof(uint64_t));
+    for (uint64_t p = next_set(tracked, 0, npages); p < npages; p = next_set(tracked, p + 1, npages)) {
+        huge_ballooned[huge_of(r, p)]++;
+    }
+    return 0;
+}
+
+/* ---- inflate / deflate --------------------------------------------------- */
+
+static int cmp_range(const void *a, const void *b)
+{
+    uint64_t x = ((const vb_range *)a)->gpa, y = ((const vb_range *)b)->gpa;
+
+    return (x > y) - (x < y);
+}
+
+/* Sorts ranges[0..n) by gpa and merges neighbours that touch within one
+ * region (neighbouring regions are different files, or other offsets of
+ * one).  Returns the new count. */
+static uint32_t sort_and_merge(const vb_mem *mem, vb_range *ranges, uint32_t n)
+{
+    uint32_t out = 0;
+    int last_region = -1;
+
+    if (n < 2) {
+        return n;
+    }
+    qsort(ranges, n, sizeof(vb_range), cmp_range);
+    for (uint32_t i = 0; i < n; i++) {
+        int region = vb_mem_find_gpa(mem, ranges[i].gpa);
+
+        if (out > 0 && region == last_region &&
+            ranges[out - 1].gpa + ranges[out - 1].len == ranges[i].gpa) {
+            ranges[out - 1].len += ranges[i].len;
+        } else {
+            ranges[out++] = ranges[i];
+        }
+        last_region = region;
+    }
+    return out;
+}
+
+/* Appends the pages of sorted PFNs (duplicates allowed) as coalesced
+ * ranges, each inside one region. */
+static uint32_t emit_pages(const vb_mem *mem, const uint32_t *pfns, uint32_t n,
+                           vb_range *ranges, uint32_t nr)
+{
+    uint32_t k = 0;
+
+    while (k < n) {
+        uint64_t first = pfns[k], end = first + 1, region_end;
+        int idx = vb_mem_find_gpa(mem, first << VB_PAGE_SHIFT);
+        const vb_region *r = &mem->regions[idx];   /* callers pass PFNs inside regions */
+
+        region_end = (r->gpa + r->size) >> VB_PAGE_SHIFT;
+        for (k++; k < n; k++) {
+            uint64_t p = pfns[k];
+
+            if (p == end - 1) {
+                continue;
+            }
+            if (p != end || end >= region_end) {
+                break;
+            }
+            end++;
+        }
+        ranges[nr++] = (vb_range){first << VB_PAGE_SHIFT, (end - first) << VB_PAGE_SHIFT};
+    }
+    return nr;
+}
+
+int vb_track_inflate(vb_mem *mem, const uint32_t *pfns, uint32_t n,
+                     vb_range *ranges, uint32_t max_ranges)
+{
+    uint32_t nr = 0, nsmall = 0, k;
+    uint32_t *small = NULL;     /* PFNs of regions without huge page tracking */
+    int small_failed = 0;
+    uint64_t now = 0;
+    vb_region *r = NULL;
+
+    if (max_ranges < n) {
+        return -1;
+    }
+    for (k = 0; k < n; k++) {
+        uint64_t gpa = (uint64_t)pfns[k] << VB_PAGE_SHIFT;
+        uint64_t p, h, first, end;
+
+        if (r == NULL || gpa < r->gpa || gpa - r->gpa >= r->size) {
+            int i = vb_mem_find_gpa(mem, gpa);
+
+            if (i < 0) {
+                continue;
+            }
+            r = &mem->regions[i];
+        }
+        p = (gpa - r->gpa) >> VB_PAGE_SHIFT;
+        if (!bit_test(r->ballooned, p)) {
+            continue;           /* never free a page the guest did not give */
+        }
+        if (r->tracked == NULL) {
+            if (small == NULL && !small_failed) {
+                small = malloc((size_t)n * sizeof(uint32_t));
+                small_failed = small == NULL;
+            }
+            if (small != NULL) {
+                small[nsmall++] = pfns[k];
+            } else {
+                ranges[nr++] = (vb_range){gpa, VB_PAGE_SIZE};   /* uncoalesced, still right */
+            }
+            continue;
+        }
+        if (bit_test(r->tracked, p)) {
+            continue;           /* counted already */
+        }
+        bit_set(r->tracked, p);
+        h = huge_of(r, p);
+        r->huge_ballooned[h]++;
+        if (huge_span(r, h, &first, &end) && r->huge_ballooned[h] == pages_per_huge(r) &&
+            confirm_whole(r, h, first, end)) {
+            /* Whole: its pending pages go out with it, in one range. */
+            for (uint64_t q = next_set(r->pending, first, end); q < end;
+                 q = next_set(r->pending, q + 1, end)) {
+                pending_drop(r, q, h);
+            }
+            ranges[nr++] = (vb_range){r->gpa + (first << VB_PAGE_SHIFT), r->granule};
+        } else {
+            pending_add(r, p, h, &now);
+        }
+    }
+    nr = sort_and_merge(mem, ranges, nr);
+    if (small != NULL) {
+        vb_sort_u32(small, nsmall);
+        nr = emit_pages(mem, small, nsmall, ranges, nr);
+        free(small);
+    }
+    return (int)nr;
+}
+
+uint32_t vb_track_deflate(vb_mem *mem, const uint32_t *pfns, uint32_t n)
+{
+    uint32_t dropped = 0;
+    vb_region *r = NULL;
+
+    for (uint32_t k = 0; k < n; k++) {
+        uint64_t gpa = (uint64_t)pfns[k] << VB_PAGE_SHIFT;
+        uint64_t p, h;
+
+        if (r == NULL || gpa < r->gpa || gpa - r->gpa >= r->size) {
+            int i = vb_mem_find_gpa(mem, gpa);
+
+            if (i < 0) {
+                continue;
+            }
+            r = &mem->regions[i];
+        }
+        if (r->tracked == NULL) {
+            continue;
+        }
+        p = (gpa - r->gpa) >> VB_PAGE_SHIFT;
+        if (bit_test(r->ballooned, p) || !bit_test(r->tracked, p)) {
+            continue;           /* still ballooned, or never counted */
+        }
+        bit_clear(r->tracked, p);
+        h = huge_of(r, p);
+        r->huge_ballooned[h]--;
+        if (bit_test(r->pending, p)) {
+            pending_drop(r, p, h);
+            dropped++;
+        }
+    }
+    return dropped;
+}
+
+/* ---- pending pages ------------------------------------------------------- */
+
+static int collectable(const vb_region *r)
+{
+    return r->pending != NULL && r->backing != VB_BACKING_HUGETLBFS;
+}
+
+uint32_t vb_track_collect(vb_mem *mem, int region, vb_range *ranges, uint32_t max_ranges)
+{
+    uint32_t nr = 0;
+    uint32_t i = region < 0 ? 0 : (uint32_t)region;
+    uint32_t stop = region < 0 ? mem->nregions : (uint32_t)region + 1;
+
+    for (; i < stop && i < mem->nregions; i++) {
+        vb_region *r = &mem->regions[i];
+        int fresh = 1;          /* the next page may not join ranges[nr - 1] */
+
+        if (!collectable(r) || r->pending_pages == 0) {
+            continue;
+        }
+        for (uint64_t h = 0; h < r->nhuge; h++) {
+            uint64_t first, end;
+
+            if (r->huge_pending[h] == 0) {
+                continue;
+            }
+            huge_span(r, h, &first, &end);
+            for (uint64_t p = next_set(r->pending, first, end); p < end;
+                 p = next_set(r->pending, p + 1, end)) {
+                uint64_t gpa = r->gpa + (p << VB_PAGE_SHIFT);
+
+                if (!bit_test(r->ballooned, p)) {
+                    pending_drop(r, p, h);      /* see confirm_whole: not ours to free */
+                    continue;
+                }
+                if (!fresh && ranges[nr - 1].gpa + ranges[nr - 1].len == gpa) {
+                    ranges[nr - 1].len += VB_PAGE_SIZE;
+                } else if (nr == max_ranges) {
+                    return nr;  /* the rest stays pending */
+                } else {
+                    ranges[nr++] = (vb_range){gpa, VB_PAGE_SIZE};
+                    fresh = 0;
+                }
+                pending_drop(r, p, h);
+            }
+        }
+    }
+    return nr;
+}
+
+uint64_t vb_track_pending(const vb_mem *mem, int collectable_only, uint64_t *oldest_ns)
+{
+    uint64_t pages = 0, oldest = 0;
+
+    for (uint32_t i = 0; i < mem->nregions; i++) {
+        const vb_region *r = &mem->regions[i];
+
+        if (r->pending_pages == 0 || (collectable_only && !collectable(r))) {
+            continue;
+        }
+        pages += r->pending_pages;
+        if (oldest == 0 || r->pending_since_ns < oldest) {
+            oldest = r->pending_since_ns;
+        }
+    }
+    if (oldest_ns != NULL) {
+        *oldest_ns = oldest;
+    }
+    return pages;
+}
