@@ -17,6 +17,8 @@ import pytest
 import structlog
 import trio
 
+from backend_support import bracketed
+from vhostballoon.device.hugepages import THP_SYSFS, pmd_size
 from vhostballoon.server.daemon import Backend, run_backend
 from vhostballoon.server.service import BalloonService
 
@@ -49,3 +51,29 @@ async def backend(nursery: trio.Nursery, socket_path: str, logs: list[dict]) -> 
     """A back-end serving ``socket_path`` (control socket ``socket_path + '.ctl'``)
     in the test's nursery; cancelled when the test ends. Its log goes to ``logs``."""
     return await nursery.start(partial(run_backend, socket_path, service=BalloonService()))
+
+
+@pytest.fixture
+def shmem_thp_advise():
+    """shmem_enabled=advise (and the PMD size's own knob on inherit) for the
+    test; what was there before comes back afterwards."""
+    top = os.path.join(THP_SYSFS, "shmem_enabled")
+    per_size = os.path.join(THP_SYSFS, f"hugepages-{pmd_size() >> 10}kB", "shmem_enabled")
+    if not os.path.exists(top):
+        pytest.skip("THP not available: this kernel has no shmem THP (no shmem_enabled in sysfs)")
+    wanted = [(top, "advise")] + ([(per_size, "inherit")] if os.path.exists(per_size) else [])
+    saved = []
+    try:
+        for path, value in wanted:
+            old = bracketed(path)
+            saved.append((path, old))
+            if old != value:
+                with open(path, "w") as f:
+                    f.write(value)
+        yield
+    except PermissionError as exc:
+        pytest.skip(f"THP not available: cannot set {exc.filename}: {exc.strerror}")
+    finally:
+        for path, old in reversed(saved):
+            with open(path, "w") as f:
+                f.write(old)

@@ -19,6 +19,7 @@ import random
 import re
 
 import pytest
+from backend_support import bracketed, meminfo, vmstat
 
 from vhostballoon.device.hugepages import (
     THP_SYSFS,
@@ -42,26 +43,6 @@ BATCH = 256  # PFNs per inflate buffer, as Linux sends them
 # ---- the kernel's figures ------------------------------------------------------------
 
 
-def meminfo(key: str) -> int:
-    """A /proc/meminfo figure: bytes for kB lines, a count for HugePages_*."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            name, value = line.split(":", 1)
-            if name == key:
-                parts = value.split()
-                return int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
-    raise KeyError(key)
-
-
-def vmstat(key: str) -> int:
-    with open("/proc/vmstat") as f:
-        for line in f:
-            name, value = line.split()
-            if name == key:
-                return int(value)
-    raise KeyError(key)
-
-
 def smaps_bytes(addr: int, field: str) -> int:
     """A field of the /proc/self/smaps entry of the mapping that starts at addr."""
     current = False
@@ -77,11 +58,6 @@ def smaps_bytes(addr: int, field: str) -> int:
 
 def allocated(fd: int) -> int:
     return os.fstat(fd).st_blocks * 512
-
-
-def bracketed(path: str) -> str:
-    with open(path) as f:
-        return re.search(r"\[([\w-]+)\]", f.read()).group(1)
 
 
 def address_of(view: mmap.mmap) -> int:
@@ -101,32 +77,6 @@ def stamped(view: mmap.mmap, page: int) -> bool:
 
 
 # ---- fixtures ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def shmem_thp_advise():
-    """shmem_enabled=advise (and the PMD size's own knob on inherit) for the
-    test; what was there before comes back afterwards."""
-    top = os.path.join(THP_SYSFS, "shmem_enabled")
-    per_size = os.path.join(THP_SYSFS, f"hugepages-{pmd_size() >> 10}kB", "shmem_enabled")
-    if not os.path.exists(top):
-        pytest.skip("THP not available: this kernel has no shmem THP (no shmem_enabled in sysfs)")
-    wanted = [(top, "advise")] + ([(per_size, "inherit")] if os.path.exists(per_size) else [])
-    saved = []
-    try:
-        for path, value in wanted:
-            old = bracketed(path)
-            saved.append((path, old))
-            if old != value:
-                with open(path, "w") as f:
-                    f.write(value)
-        yield
-    except PermissionError as exc:
-        pytest.skip(f"THP not available: cannot set {exc.filename}: {exc.strerror}")
-    finally:
-        for path, old in reversed(saved):
-            with open(path, "w") as f:
-                f.write(old)
 
 
 class ThpGuest:

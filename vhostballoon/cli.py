@@ -53,6 +53,17 @@ def _daemon_parser() -> argparse.ArgumentParser:
         help="where the operator's target is kept across restarts "
         "(default: the socket path with '.state' appended; 'none' keeps nothing)",
     )
+    p.add_argument(
+        "--huge-policy",
+        choices=["auto", "whole", "eager"],
+        default="auto",
+        help="partly ballooned huge pages: 'whole' frees only whole huge pages (never splits a THP); "
+        "'eager' frees every ballooned page at once (splits THPs); 'auto' (default) frees whole huge pages "
+        "at once and the rest when --flush-bytes are pending, after --flush-after seconds, or when the "
+        "guest reaches its target. Settable at run time: vhostballoon-ctl huge-policy",
+    )
+    p.add_argument("--flush-bytes", default="64M", metavar="SIZE", help="auto: pending partial bytes that trigger a flush (default 64M)")
+    p.add_argument("--flush-after", type=float, default=5.0, metavar="SECONDS", help="auto: longest wait of a pending page (default 5)")
     p.add_argument("--log-format", choices=["console", "json"], default="console", help="log line format (default: console)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info", help="default: info")
     p.add_argument("--version", action="version", version=f"vhostballoon {__version__}")
@@ -95,13 +106,20 @@ def run_daemon(args: argparse.Namespace) -> int:
     from .logs import configure_logging
     from .server.daemon import StartupError, run_until_signalled
     from .server.service import BalloonService
+    from .device.hugepages import FlushPolicy, HugePolicy
     from .server.state import StateStore
+    from .sizes import parse_size
 
     configure_logging(args.log_format, args.log_level)
     log = structlog.get_logger("vhostballoon")
     state_dir = args.state_dir or (f"{args.socket_path}.state" if args.socket_path else None)
     state = StateStore(state_dir) if state_dir and state_dir != "none" else None
-    service = BalloonService(features=DEFAULT_FEATURES, state=state)
+    try:
+        flush_policy = FlushPolicy(HugePolicy(args.huge_policy), parse_size(args.flush_bytes), args.flush_after)
+    except ValueError as exc:
+        log.error("bad huge page options", error=str(exc))
+        return 2
+    service = BalloonService(features=DEFAULT_FEATURES, state=state, flush_policy=flush_policy)
     log.info("starting", version=__version__, features=feature_names(DEFAULT_FEATURES))
     try:
         return trio.run(

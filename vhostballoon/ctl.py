@@ -2,6 +2,7 @@
 
     vhostballoon-ctl --socket-path /run/vb.sock balloon 512M --wait
     vhostballoon-ctl --socket-path /run/vb.sock query
+    vhostballoon-ctl --socket-path /run/vb.sock huge-policy whole
     vhostballoon-ctl --control-socket /run/vb.sock.ctl raw '{"execute": "query-balloon"}'
 """
 
@@ -114,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--wait", action="store_true", help="show progress until the guest reaches the target")
     b.add_argument("--timeout", type=float, default=30.0, help="with --wait: give up after this many seconds without progress")
     sub.add_parser("query", help="show the balloon's figures (query-balloon)")
+    h = sub.add_parser("huge-policy", help="set how partly ballooned huge pages are freed (auto, whole, eager)")
+    h.add_argument("policy", choices=["auto", "whole", "eager"])
+    h.add_argument("--flush-bytes", metavar="SIZE", help="auto: flush once this much is pending (e.g. 64M)")
+    h.add_argument("--flush-after", type=float, metavar="SECONDS", help="auto: flush pages pending this long")
     sub.add_parser("watch", help="print events (BALLOON_CHANGE) as they come")
     r = sub.add_parser("raw", help="send one JSON command line, print the reply")
     r.add_argument("json")
@@ -132,6 +137,17 @@ def main(argv: list[str] | None = None) -> int:
             client.execute("balloon", value=target)
             print(f"target set: {format_size(target)} ({target} bytes)")
             return wait_for_target(client, target, args.timeout) if args.wait else 0
+        if args.command == "huge-policy":
+            options = {"policy": args.policy}
+            if args.flush_bytes is not None:
+                try:
+                    options["flush-bytes"] = parse_size(args.flush_bytes)
+                except ValueError as exc:
+                    p.error(str(exc))
+            if args.flush_after is not None:
+                options["flush-after"] = args.flush_after
+            _print_query(client.execute("set-huge-policy", **options))
+            return 0
         if args.command == "query":
             _print_query(client.execute("query-balloon"))
             return 0

@@ -5,6 +5,8 @@
     -> {"execute": "query-balloon", "id": 7}
     <- {"return": {"actual": 1073741824, ...}, "id": 7}
     <- {"event": "BALLOON_CHANGE", "data": {"actual": 1065353216}, "timestamp": {...}}
+    -> {"execute": "set-huge-policy", "arguments": {"policy": "whole"}}
+    <- {"return": {"huge-page-policy": "whole", "flush-bytes": 67108864, "flush-after": 5.0}}
 
 Errors are {"error": {"class": "GenericError", "desc": "..."}}. A client that
 sends garbage gets an error and may go on; one whose line grows past
@@ -41,6 +43,20 @@ def _command_query_balloon(service: BalloonService, args: dict[str, Any]) -> dic
     return service.query()
 
 
+def _command_set_huge_policy(service: BalloonService, args: dict[str, Any]) -> dict:
+    allowed = {"policy", "flush-bytes", "flush-after"}
+    if "policy" not in args or set(args) - allowed:
+        raise CommandError(f"set-huge-policy takes 'policy' and optionally 'flush-bytes', 'flush-after'; got {sorted(args)}")
+    flush_bytes = args.get("flush-bytes")
+    flush_after = args.get("flush-after")
+    if flush_bytes is not None and (not isinstance(flush_bytes, int) or isinstance(flush_bytes, bool)):
+        raise CommandError(f"'flush-bytes' must be a whole number of bytes, got {flush_bytes!r}")
+    if flush_after is not None and (not isinstance(flush_after, (int, float)) or isinstance(flush_after, bool)):
+        raise CommandError(f"'flush-after' must be a number of seconds, got {flush_after!r}")
+    policy = service.set_huge_policy(args["policy"], flush_bytes, flush_after)
+    return {"huge-page-policy": policy.mode.value, "flush-bytes": policy.flush_bytes, "flush-after": policy.flush_after}
+
+
 def _command_capabilities(service: BalloonService, args: dict[str, Any]) -> dict:
     return {}  # accepted for QMP clients' sake; there is no capability negotiation
 
@@ -48,6 +64,7 @@ def _command_capabilities(service: BalloonService, args: dict[str, Any]) -> dict
 COMMANDS = {
     "balloon": _command_balloon,
     "query-balloon": _command_query_balloon,
+    "set-huge-policy": _command_set_huge_policy,
     "qmp_capabilities": _command_capabilities,
 }
 

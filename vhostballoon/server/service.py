@@ -10,6 +10,7 @@ import structlog
 import trio
 
 from ..device.features import DEFAULT_FEATURES, feature_names
+from ..device.hugepages import FlushPolicy, HugePolicy, describe_discards
 from .state import StateStore
 
 if TYPE_CHECKING:
@@ -37,14 +38,17 @@ class BalloonService:
         features: int = DEFAULT_FEATURES,
         target_bytes: int | None = None,
         state: StateStore | None = None,
+        flush_policy: FlushPolicy | None = None,
     ) -> None:
         self.features = features
         self.state = state
-        if state is not None and target_bytes is None:
-            target_bytes = state.load().get("target")
+        saved = state.load() if state is not None else {}
+        if target_bytes is None:
+            target_bytes = saved.get("target")
             if target_bytes is not None:
                 log.info("target restored from the state directory", target=target_bytes, path=str(state.path))
         self.target_bytes = target_bytes
+        self.flush_policy = flush_policy or FlushPolicy()
         self.session: FrontendSession | None = None
         self.sessions_served = 0
         self._subscribers: set[trio.MemorySendChannel] = set()
@@ -60,14 +64,36 @@ class BalloonService:
         if ram and target_bytes > ram:
             log.info("target above guest RAM: clamped", target=target_bytes, guest_ram=ram)
         self.target_bytes = target_bytes
-        if self.state is not None:
-            try:
-                self.state.save(target=target_bytes)
-            except OSError as exc:
-                log.error("could not save the target: it will not survive a restart", error=str(exc))
+        self._save()
         log.info("target set", target=target_bytes, connected=session is not None)
         if session is not None:
             session.set_target(target_bytes)
+
+    def set_huge_policy(self, mode: str, flush_bytes: int | None = None, flush_after: float | None = None) -> FlushPolicy:
+        """Change how partly ballooned huge pages are handled, at run time."""
+        current = self.flush_policy
+        try:
+            policy = FlushPolicy(
+                HugePolicy(mode),
+                current.flush_bytes if flush_bytes is None else flush_bytes,
+                current.flush_after if flush_after is None else flush_after,
+            )
+        except ValueError as exc:
+            known = ", ".join(p.value for p in HugePolicy)
+            raise CommandError(f"bad huge page policy {mode!r} / flush-bytes {flush_bytes!r} / flush-after {flush_after!r}: {exc} (policies: {known})") from None
+        self.flush_policy = policy
+        log.info("huge page policy set", policy=policy.mode.value, flush_bytes=policy.flush_bytes, flush_after=policy.flush_after)
+        if self.session is not None:
+            self.session.set_flush_policy(policy)
+        return policy
+
+    def _save(self) -> None:
+        if self.state is None:
+            return
+        try:
+            self.state.save(target=self.target_bytes)
+        except OSError as exc:
+            log.error("could not save the target: it will not survive a restart", error=str(exc))
 
     # -- figures -----------------------------------------------------------------
 
@@ -79,11 +105,16 @@ class BalloonService:
             "connected": session is not None,
             "offered-features": feature_names(self.features),
             "sessions-served": self.sessions_served,
+            "huge-page-policy": self.flush_policy.mode.value,
+            "flush-bytes": self.flush_policy.flush_bytes,
+            "flush-after": self.flush_policy.flush_after,
         }
         if session is not None:
             device = session.device
             result["actual"] = device.actual_bytes
             result.update(device.describe())
+            result.update(session.huge.describe())
+            result.update(describe_discards(device.counters.discard))
             result["host-allocated-bytes"] = session.memory.allocated_bytes()
             result["broken-queues"] = session.broken_queues()
         return result

@@ -27,7 +27,8 @@ import trio
 from ..device.balloon import BalloonDevice, FeatureError
 from ..device.config import CONFIG_SIZE, ConfigAccessError
 from ..device.features import MAX_QUEUES, QueueRole
-from ..native import PAGE_SHIFT, GuestMemory, MemoryTableError, PfnArray, RingError, Virtqueue
+from ..device.hugepages import FlushPolicy, HugePageTracker
+from ..native import PAGE_SHIFT, GuestMemory, MemoryTableError, PfnArray, RangeList, RingError, Virtqueue
 from ..vhost_user import connection as vu
 from ..vhost_user.constants import VHOST_USER_F_PROTOCOL_FEATURES, BackendRequest, ProtocolFeature
 from ..vhost_user.errors import ProtocolError
@@ -88,6 +89,8 @@ class FrontendSession:
         self.backend_channel: FdStream | None = None
         self.backend_lock = trio.Lock()
         self.nursery: trio.Nursery | None = None
+        self.huge = HugePageTracker(self.memory, service.flush_policy)
+        self._flush_timer_armed = False
         self._failed_regions_reported: set[int] = set()
         self._handlers: dict[type, Callable] = {
             vu.FeaturesSet: self._on_features,
@@ -240,7 +243,18 @@ class FrontendSession:
         log.info("memory region removed", gpa=hex(r.gpa), size=r.size)
 
     def _memory_changed(self) -> None:
-        """Ring pointers point into the mappings: set the rings up again."""
+        """Ring pointers point into the mappings: set the rings up again.
+        New regions get their backing detected and huge page tracking set up."""
+        for index, backing in self.huge.configure_regions():
+            log.info(
+                "region backing",
+                region=index,
+                backing=backing.kind,
+                huge_page_size=backing.huge_page_size,
+                thp=backing.thp,
+                thp_setting=backing.thp_setting,
+                tracking_granule=backing.granule,
+            )
         for q in self.queues:
             if q.addr is not None and q.num is not None:
                 try:
@@ -362,25 +376,86 @@ class FrontendSession:
                     self._ring_broken(q, str(exc))
                     return
                 if not heads:
-                    return
+                    break
                 update = self.device.apply(role, pfns, len(heads))
-                if role is QueueRole.INFLATE and len(update.changed):
-                    stats, measured = await trio.to_thread.run_sync(self._discard, update.changed)
-                    self.device.record_discard(stats, measured)
-                    if stats.bytes_failed:
-                        self._report_discard_failure(stats)
+                if role is QueueRole.INFLATE:
+                    # Whole huge pages (and pages of regions that do not defer)
+                    # come back to free now; partial huge pages stay pending.
+                    ranges = self.huge.inflated(update.changed)
+                else:
+                    # Deflate is sacred: these pages leave pending tracking
+                    # before anything else can free them (we hold the lock).
+                    self.huge.deflated(update.changed)
+                    ranges = None
+                if self.huge.flush_due(guest_at_target=self._guest_at_target()):
+                    pending = self.huge.collect()
+                    ranges = pending if ranges is None else ranges + pending
+                if ranges is not None and len(ranges):
+                    # Freed before the used buffer goes back and before the
+                    # lock is released: a deflate can never overtake it.
+                    await self._discard(ranges)
                 q.vq.push_used(heads)
                 q.buffers += len(heads)
                 if q.vq.should_signal():
                     self._signal(q.call_fd)
                     q.signals += 1
+        self._arm_flush_timer()
 
-    def _discard(self, pfns: PfnArray):
-        """Runs in a worker thread (cffi releases the GIL)."""
+    async def _discard(self, ranges: RangeList) -> None:
+        """Free ranges in a worker thread (cffi releases the GIL); the memory
+        lock must be held by the caller."""
+        stats, measured = await trio.to_thread.run_sync(self._discard_blocking, ranges)
+        self.device.record_discard(stats, measured)
+        if stats.bytes_failed:
+            self._report_discard_failure(stats)
+
+    def _discard_blocking(self, ranges: RangeList):
         before = self.memory.allocated_bytes()
-        stats = self.memory.discard(pfns)
+        stats = self.huge.discard(ranges)
         after = self.memory.allocated_bytes()
         return stats, max(0, before - after)
+
+    # -- partially ballooned huge pages -------------------------------------------
+
+    def _guest_at_target(self) -> bool:
+        config = self.device.config
+        return config.num_pages > 0 and config.actual == config.num_pages
+
+    async def flush_pending(self, reason: str) -> None:
+        """Free the pending pages of partly ballooned huge pages if the policy
+        says so now (after a deadline, at the target, on a policy change)."""
+        async with self.memory_lock:
+            if self.huge.flush_due(guest_at_target=self._guest_at_target()):
+                ranges = self.huge.collect()
+                if len(ranges):
+                    splits_before = self.device.counters.discard.splits
+                    await self._discard(ranges)
+                    log.info(
+                        "pending partial huge pages freed",
+                        reason=reason,
+                        bytes=ranges.total_bytes,
+                        ranges=len(ranges),
+                        thp_splits=self.device.counters.discard.splits - splits_before,
+                        policy=self.huge.policy.mode.value,
+                    )
+        self._arm_flush_timer()
+
+    def _arm_flush_timer(self) -> None:
+        delay = self.huge.flush_delay()
+        if delay is None or self._flush_timer_armed or self.nursery is None:
+            return
+        self._flush_timer_armed = True
+        self.nursery.start_soon(self._timed_flush, delay)
+
+    async def _timed_flush(self, delay: float) -> None:
+        await trio.sleep(delay)
+        self._flush_timer_armed = False
+        await self.flush_pending("deadline")
+
+    def set_flush_policy(self, policy: FlushPolicy) -> None:
+        self.huge.policy = policy
+        if self.nursery is not None:
+            self.nursery.start_soon(self.flush_pending, "policy change")
 
     def _report_discard_failure(self, stats) -> None:
         region = stats.failed_region
@@ -424,7 +499,16 @@ class FrontendSession:
             log.debug("guest balloon size", actual_pages=write.new_actual, num_pages=self.device.config.num_pages)
             self.service.publish("BALLOON_CHANGE", {"actual": actual})
             if write.new_actual == self.device.config.num_pages:
-                log.info("guest reached the target", actual=actual, ballooned_pages=write.new_actual)
+                log.info(
+                    "guest reached the target",
+                    actual=actual,
+                    ballooned_pages=write.new_actual,
+                    pending_partial_bytes=self.huge.state().collectable_bytes,
+                    huge_pages_freed_whole=self.device.counters.discard.huge_pages_whole,
+                    thp_splits=self.device.counters.discard.splits,
+                )
+                if self.nursery is not None:
+                    self.nursery.start_soon(self.flush_pending, "guest at target")
 
     def set_target(self, target_bytes: int) -> None:
         if self.device.set_target(target_bytes):
@@ -492,7 +576,8 @@ class FrontendSession:
             for r in self.memory.regions:
                 first = r.gpa >> PAGE_SHIFT
                 every_page = PfnArray.from_list(range(first, first + (r.size >> PAGE_SHIFT)))
-                self.memory.balloon_update(every_page, inflate=False)
+                released_update = self.memory.balloon_update(every_page, inflate=False)
+                self.huge.deflated(released_update.changed)
         self.device.acked_features = 0
         self.device.config.actual = 0
         log.info("device reset", pages_released_from_balloon=released)

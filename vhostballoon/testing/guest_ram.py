@@ -61,6 +61,7 @@ class GuestRAM:
         uaddr: int = DEFAULT_UADDR,
         seed: int = 0x5EED,
         name: str = "vb-guest",
+        huge_pages: bool = False,
     ) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise GuestMemoryError(f"guest RAM size {size} is not a positive multiple of {PAGE_SIZE}")
@@ -82,6 +83,10 @@ class GuestRAM:
         try:
             os.ftruncate(self.fd, size)
             self.mem = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if huge_pages:
+                # As QEMU does for guest RAM: with shmem_enabled=advise the
+                # memfd then gets transparent huge pages where we touch it.
+                self.mem.madvise(mmap.MADV_HUGEPAGE)
         except BaseException:
             os.close(self.fd)
             raise

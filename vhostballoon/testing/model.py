@@ -48,6 +48,7 @@ async def model_guest(
     protocol_features: int = QEMU_PROTOCOL_FEATURES,
     reply_timeout: float = 10.0,
     stop_on_exit: bool = True,
+    huge_pages: bool = False,
     **driver_options: Any,
 ) -> AsyncIterator[ModelGuest]:
     """Boot a model guest against the back-end listening on ``socket_path``.
@@ -61,10 +62,13 @@ async def model_guest(
     ``guest.final_vring_bases``) unless ``stop_on_exit=False`` (e.g. the
     back-end was killed on purpose); everything is closed either way.
 
+    ``huge_pages=True`` madvises guest RAM for transparent huge pages, as
+    QEMU does (effective when shmem THP is ``advise`` or ``always``).
+
     Extra keyword arguments go to ``BalloonDriver`` (``poison_val``,
     ``touch_on_inflate``, ``buffer_timeout``).
     """
-    ram = GuestRAM(ram_size, reserved=reserved)
+    ram = GuestRAM(ram_size, reserved=reserved, huge_pages=huge_pages)
     frontend: Frontend | None = None
     try:
         if touch:
