@@ -311,3 +311,42 @@ uint32_t vb_balloon_update(vb_mem *mem, const uint32_t *pfns, uint32_t n, int in
     *n_unchanged = nunchanged;
     return nchanged;
 }
+
+int vb_mem_region_of(const vb_mem *mem, uint64_t gpa, uint64_t len)
+{
+    int i = vb_mem_find_gpa(mem, gpa);
+
+    if (i < 0 || len == 0 || len > mem->regions[i].size - (gpa - mem->regions[i].gpa)) {
+        return -1;
+    }
+    return i;
+}
+
+int64_t vb_mem_ballooned_in_range(const vb_mem *mem, uint64_t gpa, uint64_t len)
+{
+    int i;
+    const vb_region *r;
+    uint64_t page, end, count = 0;
+
+    if ((gpa | len) & (VB_PAGE_SIZE - 1)) {
+        return -1;
+    }
+    i = vb_mem_region_of(mem, gpa, len);
+    if (i < 0) {
+        return -1;
+    }
+    r = &mem->regions[i];
+    page = (gpa - r->gpa) >> VB_PAGE_SHIFT;
+    end = page + (len >> VB_PAGE_SHIFT);
+    /* Whole words where possible: a reported 2 MiB range is 8 of them. */
+    while (page < end) {
+        uint64_t word = r->ballooned[page / 64];
+        uint64_t bit = page % 64;
+        uint64_t take = 64 - bit < end - page ? 64 - bit : end - page;
+        uint64_t mask = take == 64 ? ~(uint64_t)0 : (((uint64_t)1 << take) - 1) << bit;
+
+        count += (uint64_t)__builtin_popcountll(word & mask);
+        page += take;
+    }
+    return (int64_t)count;
+}

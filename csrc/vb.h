@@ -97,6 +97,15 @@ typedef struct vb_range {
     uint64_t len;
 } vb_range;
 
+/* One descriptor of a popped buffer, as the driver wrote it
+ * (vb_vq_pop_ranges): for free page reporting the descriptors ARE the
+ * free ranges; for statistics they point at the stats array. */
+typedef struct vb_desc_range {
+    uint64_t addr;          /* guest physical address, not checked by the walker */
+    uint32_t len;
+    uint16_t flags;         /* VRING_DESC_F_* as written (NEXT, WRITE) */
+} vb_desc_range;
+
 /* vb_region.backing: what fstatfs says the region's fd lives on. */
 enum {
     VB_BACKING_FILE = 0,        /* anything else: no huge pages we know of */
@@ -142,6 +151,21 @@ int vb_vq_pop_pfns(vb_vq *vq, const vb_mem *mem,
                    uint32_t *pfns, uint32_t max_pfns, uint32_t *n_pfns,
                    uint16_t *heads, uint32_t max_heads,
                    char *err, size_t errlen);
+/* Same walk and guards as vb_vq_pop_pfns (avail index, heads, loops,
+ * chain length, indirect tables), but returns the descriptors themselves:
+ * ranges[] gets every buffer's descriptors in order, counts[i] how many
+ * belong to buffer i (heads[i]); only whole buffers that fit in
+ * max_ranges are taken.  Every descriptor must be device-writable
+ * (writable=1: free page reporting) or device-readable (writable=0:
+ * statistics), else the ring is malformed.  Descriptor addresses and
+ * lengths are NOT checked against guest memory (nothing is read through
+ * them here): the caller validates each one.  Returns buffers popped, 0 if
+ * none, -1 (nothing consumed, err set) as vb_vq_pop_pfns; a buffer with
+ * more than max_ranges descriptors is malformed. */
+int vb_vq_pop_ranges(vb_vq *vq, const vb_mem *mem, int writable,
+                     vb_desc_range *ranges, uint32_t max_ranges, uint32_t *n_ranges,
+                     uint16_t *heads, uint32_t *counts, uint32_t max_heads,
+                     char *err, size_t errlen);
 /* Adds n used elements (id heads[i], len lens[i] or 0 when lens is NULL),
  * then publishes used->idx after a write barrier. */
 void vb_vq_push_used(vb_vq *vq, const uint16_t *heads, const uint32_t *lens, uint32_t n);
@@ -160,6 +184,12 @@ int vb_vq_pending(const vb_vq *vq);
 uint32_t vb_balloon_update(vb_mem *mem, const uint32_t *pfns, uint32_t n, int inflate,
                            uint32_t *changed, uint32_t *n_invalid,
                            uint32_t *first_invalid, uint32_t *n_unchanged);
+
+/* Index of the region holding all of [gpa, gpa+len) (len > 0), or -1. */
+int vb_mem_region_of(const vb_mem *mem, uint64_t gpa, uint64_t len);
+/* Ballooned pages in [gpa, gpa+len): 4 KiB aligned, inside one region;
+ * -1 when it is not. */
+int64_t vb_mem_ballooned_in_range(const vb_mem *mem, uint64_t gpa, uint64_t len);
 
 /* ---- discard engine ---------------------------------------------------- */
 /* Sorts pfns in place, drops duplicates, coalesces consecutive pages within

@@ -171,18 +171,58 @@ int vb_vq_setup(vb_vq *vq, const vb_mem *mem, uint32_t num,
     return 0;
 }
 
-/* Where pop_one puts a buffer's PFNs, and how much room is left. */
-struct pfn_sink {
-    uint32_t *out;       /* next free slot */
-    uint32_t room;       /* free slots left in this call */
-    uint64_t count;      /* PFNs in this buffer so far */
-    int fits;            /* still copying; 0 once the buffer overflowed room */
+/*
+ * What the walker does with each data descriptor of a buffer.  pop_one
+ * follows the chain (and at most one indirect table) and hands every
+ * descriptor that is not INDIRECT to take(); pop_buffers keeps only whole
+ * buffers: one whose items do not fit in what is left of the caller's
+ * array stays in the ring for the next call.
+ */
+struct sink {
+    int (*take)(struct sink *s, const vb_mem *mem, uint16_t head, const char *where,
+                uint32_t i, const struct desc *d, char *err, size_t errlen);
+    const char *items;   /* "PFNs" or "descriptors", for messages */
+    uint32_t capacity;   /* items one call can return */
+    uint32_t stored;     /* items of the buffers already accepted in this call */
+    uint64_t count;      /* items of the buffer being walked */
+    int fits;            /* the current buffer's items are all stored so far */
 };
 
-static void sink_take(struct pfn_sink *s, const uint8_t *src, uint32_t npfns)
+/* Inflate/deflate: device-readable arrays of le32 PFNs. */
+struct pfn_sink {
+    struct sink base;
+    uint32_t *out;
+};
+
+static int take_pfns(struct sink *base, const vb_mem *mem, uint16_t head, const char *where,
+                     uint32_t i, const struct desc *d, char *err, size_t errlen)
 {
-    if (s->fits && s->count + npfns <= s->room) {
-        uint32_t *dst = s->out + s->count;
+    struct pfn_sink *s = (struct pfn_sink *)base;
+    const uint8_t *src;
+    uint32_t npfns;
+
+    if (d->flags & VRING_DESC_F_WRITE) {
+        vb_seterr(err, errlen, "head %u: %s %" PRIu32 " is device-writable (flags 0x%x)"
+                  " in an inflate/deflate buffer", head, where, i, d->flags);
+        return -1;
+    }
+    if (d->len % 4 != 0) {
+        vb_seterr(err, errlen, "head %u: %s %" PRIu32 ": len %" PRIu32
+                  " is not a multiple of 4 (le32 PFNs)", head, where, i, d->len);
+        return -1;
+    }
+    if (d->len == 0) {
+        return 0;
+    }
+    src = vb_mem_gpa_to_host(mem, d->addr, d->len);
+    if (src == NULL) {
+        vb_seterr(err, errlen, "head %u: %s %" PRIu32 ": addr 0x%" PRIx64 " len %"
+                  PRIu32 " outside guest memory", head, where, i, d->addr, d->len);
+        return -1;
+    }
+    npfns = d->len / 4;
+    if (base->fits && base->stored + base->count + npfns <= base->capacity) {
+        uint32_t *dst = s->out + base->stored + base->count;
 
         memcpy(dst, src, (size_t)npfns * 4);
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -191,18 +231,55 @@ static void sink_take(struct pfn_sink *s, const uint8_t *src, uint32_t npfns)
         }
 #endif
     } else {
-        s->fits = 0;
+        base->fits = 0;
     }
-    s->count += npfns;
+    base->count += npfns;
+    return 0;
+}
+
+/* Reporting and stats buffers: the descriptors themselves, all in one
+ * direction.  Their addresses are not checked here (nothing is read through
+ * them): the caller validates each one. */
+struct range_sink {
+    struct sink base;
+    vb_desc_range *out;
+    int writable;        /* 1: every descriptor must be device-writable; 0: readable */
+};
+
+static int take_range(struct sink *base, const vb_mem *mem, uint16_t head, const char *where,
+                      uint32_t i, const struct desc *d, char *err, size_t errlen)
+{
+    struct range_sink *s = (struct range_sink *)base;
+    int writable = (d->flags & VRING_DESC_F_WRITE) != 0;
+
+    (void)mem;
+    if (writable != s->writable) {
+        vb_seterr(err, errlen, "head %u: %s %" PRIu32 " is device-%s (flags 0x%x) in a"
+                  " buffer of device-%s descriptors", head, where, i,
+                  writable ? "writable" : "readable", d->flags,
+                  s->writable ? "writable" : "readable");
+        return -1;
+    }
+    if (base->fits && base->stored + base->count + 1 <= base->capacity) {
+        vb_desc_range *r = s->out + base->stored + base->count;
+
+        r->addr = d->addr;
+        r->len = d->len;
+        r->flags = d->flags;
+    } else {
+        base->fits = 0;
+    }
+    base->count++;
+    return 0;
 }
 
 /*
- * Walks the chain starting at head and appends its PFNs to the sink.
- * Returns 0 when the chain is well formed (s->fits says whether its PFNs
+ * Walks the chain starting at head and hands its descriptors to the sink.
+ * Returns 0 when the chain is well formed (s->fits says whether its items
  * were all stored), -1 with err set when it is not.
  */
 static int pop_one(const vb_vq *vq, const vb_mem *mem, uint16_t head,
-                   struct pfn_sink *s, char *err, size_t errlen)
+                   struct sink *s, char *err, size_t errlen)
 {
     const uint8_t *table = vq->desc;
     uint32_t table_size = vq->num;
@@ -260,25 +337,8 @@ static int pop_one(const vb_vq *vq, const vb_mem *mem, uint16_t head,
             where = "indirect descriptor";
             continue;
         }
-        if (d.flags & VRING_DESC_F_WRITE) {
-            vb_seterr(err, errlen, "head %u: %s %" PRIu32 " is device-writable (flags 0x%x)"
-                      " in an inflate/deflate buffer", head, where, i, d.flags);
+        if (s->take(s, mem, head, where, i, &d, err, errlen) < 0) {
             return -1;
-        }
-        if (d.len % 4 != 0) {
-            vb_seterr(err, errlen, "head %u: %s %" PRIu32 ": len %" PRIu32
-                      " is not a multiple of 4 (le32 PFNs)", head, where, i, d.len);
-            return -1;
-        }
-        if (d.len != 0) {
-            const uint8_t *src = vb_mem_gpa_to_host(mem, d.addr, d.len);
-
-            if (src == NULL) {
-                vb_seterr(err, errlen, "head %u: %s %" PRIu32 ": addr 0x%" PRIx64 " len %"
-                          PRIu32 " outside guest memory", head, where, i, d.addr, d.len);
-                return -1;
-            }
-            sink_take(s, src, d.len / 4);
         }
         if (!(d.flags & VRING_DESC_F_NEXT)) {
             return 0;
@@ -293,16 +353,20 @@ static int pop_one(const vb_vq *vq, const vb_mem *mem, uint16_t head,
     }
 }
 
-int vb_vq_pop_pfns(vb_vq *vq, const vb_mem *mem,
-                   uint32_t *pfns, uint32_t max_pfns, uint32_t *n_pfns,
-                   uint16_t *heads, uint32_t max_heads,
-                   char *err, size_t errlen)
+/*
+ * Pops every available buffer (up to max_heads, whole buffers that fit in
+ * the sink only).  counts[k], when not NULL, gets buffer k's item count.
+ * Returns the number of buffers popped or -1 (nothing consumed).
+ */
+static int pop_buffers(vb_vq *vq, const vb_mem *mem, struct sink *s,
+                       uint16_t *heads, uint32_t *counts, uint32_t max_heads,
+                       char *err, size_t errlen)
 {
     uint16_t last = vq->last_avail_idx;
-    uint32_t popped = 0, used_pfns = 0;
+    uint32_t popped = 0;
     int full = 0;
 
-    *n_pfns = 0;
+    s->stored = 0;
     if (!vq->ready) {
         vb_seterr(err, errlen, "queue is not set up");
         return -1;
@@ -320,7 +384,6 @@ int vb_vq_pop_pfns(vb_vq *vq, const vb_mem *mem,
         }
         while (last != avail_idx) {
             uint16_t head;
-            struct pfn_sink s;
 
             if (popped >= max_heads) {
                 full = 1;
@@ -332,24 +395,27 @@ int vb_vq_pop_pfns(vb_vq *vq, const vb_mem *mem,
                           ") at avail slot %u", head, vq->num, last);
                 return -1;
             }
-            s = (struct pfn_sink){
-                .out = pfns + used_pfns, .room = max_pfns - used_pfns, .count = 0, .fits = 1,
-            };
-            if (pop_one(vq, mem, head, &s, err, errlen) < 0) {
+            s->count = 0;
+            s->fits = 1;
+            if (pop_one(vq, mem, head, s, err, errlen) < 0) {
                 return -1;
             }
-            if (s.count > max_pfns) {
-                vb_seterr(err, errlen, "head %u: buffer holds %" PRIu64 " PFNs, more than"
-                          " the %" PRIu32 " this queue takes per pop", head, s.count, max_pfns);
+            if (s->count > s->capacity) {
+                vb_seterr(err, errlen, "head %u: buffer holds %" PRIu64 " %s, more than"
+                          " the %" PRIu32 " this queue takes per pop", head, s->count,
+                          s->items, s->capacity);
                 return -1;
             }
-            if (!s.fits) {
+            if (!s->fits) {
                 /* Whole buffers only: leave it for the next call. */
                 full = 1;
                 break;
             }
+            if (counts != NULL) {
+                counts[popped] = (uint32_t)s->count;
+            }
             heads[popped++] = head;
-            used_pfns += (uint32_t)s.count;
+            s->stored += (uint32_t)s->count;
             last++;
         }
         if (vq->event_idx) {
@@ -365,8 +431,38 @@ int vb_vq_pop_pfns(vb_vq *vq, const vb_mem *mem,
         }
     }
     vq->last_avail_idx = last;
-    *n_pfns = used_pfns;
     return (int)popped;
+}
+
+int vb_vq_pop_pfns(vb_vq *vq, const vb_mem *mem,
+                   uint32_t *pfns, uint32_t max_pfns, uint32_t *n_pfns,
+                   uint16_t *heads, uint32_t max_heads,
+                   char *err, size_t errlen)
+{
+    struct pfn_sink s = {
+        .base = {.take = take_pfns, .items = "PFNs", .capacity = max_pfns},
+        .out = pfns,
+    };
+    int popped = pop_buffers(vq, mem, &s.base, heads, NULL, max_heads, err, errlen);
+
+    *n_pfns = popped > 0 ? s.base.stored : 0;
+    return popped;
+}
+
+int vb_vq_pop_ranges(vb_vq *vq, const vb_mem *mem, int writable,
+                     vb_desc_range *ranges, uint32_t max_ranges, uint32_t *n_ranges,
+                     uint16_t *heads, uint32_t *counts, uint32_t max_heads,
+                     char *err, size_t errlen)
+{
+    struct range_sink s = {
+        .base = {.take = take_range, .items = "descriptors", .capacity = max_ranges},
+        .out = ranges,
+        .writable = writable != 0,
+    };
+    int popped = pop_buffers(vq, mem, &s.base, heads, counts, max_heads, err, errlen);
+
+    *n_ranges = popped > 0 ? s.base.stored : 0;
+    return popped;
 }
 
 void vb_vq_push_used(vb_vq *vq, const uint16_t *heads, const uint32_t *lens, uint32_t n)

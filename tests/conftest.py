@@ -8,6 +8,7 @@ are real eventfds, and discards are real ``fallocate`` calls.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -53,27 +54,56 @@ async def backend(nursery: trio.Nursery, socket_path: str, logs: list[dict]) -> 
     return await nursery.start(partial(run_backend, socket_path, service=BalloonService()))
 
 
-@pytest.fixture
-def shmem_thp_advise():
-    """shmem_enabled=advise (and the PMD size's own knob on inherit) for the
-    test; what was there before comes back afterwards."""
+@contextmanager
+def shmem_thp(value: str):
+    """Set shmem THP (the top-level knob, and the PMD size's own knob on
+    "inherit") to ``value``; what was there before comes back afterwards.
+    Raises PermissionError where sysfs is not writable."""
     top = os.path.join(THP_SYSFS, "shmem_enabled")
     per_size = os.path.join(THP_SYSFS, f"hugepages-{pmd_size() >> 10}kB", "shmem_enabled")
-    if not os.path.exists(top):
-        pytest.skip("THP not available: this kernel has no shmem THP (no shmem_enabled in sysfs)")
-    wanted = [(top, "advise")] + ([(per_size, "inherit")] if os.path.exists(per_size) else [])
+    wanted = [(top, value)] + ([(per_size, "inherit")] if os.path.exists(per_size) else [])
     saved = []
     try:
-        for path, value in wanted:
+        for path, setting in wanted:
             old = bracketed(path)
             saved.append((path, old))
-            if old != value:
+            if old != setting:
                 with open(path, "w") as f:
-                    f.write(value)
+                    f.write(setting)
         yield
-    except PermissionError as exc:
-        pytest.skip(f"THP not available: cannot set {exc.filename}: {exc.strerror}")
     finally:
         for path, old in reversed(saved):
             with open(path, "w") as f:
                 f.write(old)
+
+
+@pytest.fixture
+def shmem_thp_advise():
+    """shmem THP on "advise" for the test (huge page tests)."""
+    if not os.path.exists(os.path.join(THP_SYSFS, "shmem_enabled")):
+        pytest.skip("THP not available: this kernel has no shmem THP (no shmem_enabled in sysfs)")
+    try:
+        with shmem_thp("advise"):
+            yield
+    except PermissionError as exc:
+        pytest.skip(f"THP not available: cannot set {exc.filename}: {exc.strerror}")
+
+
+@pytest.fixture(autouse=True)
+def _shmem_thp_never_unless_asked(request):
+    """Every other test sees shmem THP off, whatever the host was left at:
+    with THP possible, the back-end defers partial huge pages (by policy), and
+    tests about plain freeing would depend on the machine's setting."""
+    if "shmem_thp_advise" in request.fixturenames or not os.path.exists(os.path.join(THP_SYSFS, "shmem_enabled")):
+        yield
+        return
+    try:
+        cm = shmem_thp("never")
+        cm.__enter__()
+    except PermissionError:
+        yield  # not root: leave the machine's setting alone
+        return
+    try:
+        yield
+    finally:
+        cm.__exit__(None, None, None)

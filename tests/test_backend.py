@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from backend_support import GiB, MiB, PAGE, SMALL_GUEST, fd_count, log_text, wait_no_session, wait_session, wait_until
-from vhostballoon.testing import QEMU_PROTOCOL_FEATURES, Channel, Frontend, model_guest
+from vhostballoon.testing import QEMU_PROTOCOL_FEATURES, Channel, Frontend, QueueRole, model_guest
 from vhostballoon.vhost_user.constants import NEED_REPLY, REPLY, VERSION, BackendRequest, ProtocolFeature, Request
 
 
@@ -157,8 +157,12 @@ async def test_qemu_sequence_gets_the_replies_qemu_expects(backend, protocol_fea
     if memory_request is Request.ADD_MEM_REG:
         assert values["GET_MAX_MEM_SLOTS"] == 32
     assert values["GET_QUEUE_NUM"] >= frontend.num_vqs
-    assert set(guest.final_vring_bases) == {0, 1}
+    assert guest.driver.roles == [QueueRole.INFLATE, QueueRole.DEFLATE, QueueRole.STATS, QueueRole.REPORTING]
+    assert set(guest.final_vring_bases) == {0, 1, 2, 3}
     assert guest.final_vring_bases[0] == guest.driver.inflate_buffers
+    # The stats buffer the back-end holds is handed back as not consumed: a
+    # restarted ring pops it again instead of leaving the guest waiting.
+    assert guest.final_vring_bases[2] == guest.driver.stats_buffers
 
     # The new target reached the guest as CONFIG_CHANGE_MSG on the backend
     # channel, asking for an ack exactly when REPLY_ACK was negotiated.

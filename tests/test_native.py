@@ -839,3 +839,105 @@ def test_discard_sorts_large_batches_correctly(guest):
     inside = {v for v in values if v < GUEST_SIZE // PAGE_SIZE}
     assert stats.pages_outside == len(set(values) - inside)
     assert stats.bytes_freed == len(inside) * PAGE_SIZE
+
+
+# ---- descriptor ranges (free page reporting, statistics) ---------------------
+
+
+def _add_ranges(ring: DriverRing, segments, flags: int = F_WRITE, indirect: bool = False) -> int:
+    """One buffer whose descriptors are the given (addr, len) ranges, as-is."""
+    n = len(segments)
+    if indirect:
+        table = ring.g.alloc(16 * n)
+        for k, (addr, length) in enumerate(segments):
+            last = k == n - 1
+            ring.write_desc(table, k, addr, length, flags | (0 if last else F_NEXT), 0 if last else k + 1)
+        head = ring.take_desc()
+        ring.write_desc(ring.desc, head, table, 16 * n, F_INDIRECT)
+    else:
+        ids = [ring.take_desc() for _ in segments]
+        for k, (addr, length) in enumerate(segments):
+            last = k == n - 1
+            ring.write_desc(ring.desc, ids[k], addr, length, flags | (0 if last else F_NEXT), 0 if last else ids[k + 1])
+        head = ids[0]
+    ring.publish(head)
+    return head
+
+
+def test_pop_ranges_returns_each_buffers_descriptors_unchecked(guest):
+    ring = DriverRing(guest, 64)
+    vq = Virtqueue(3)
+    ring.setup(vq, indirect=True)
+    first = [(2 * MiB, 2 * MiB), (8 * MiB, 4 * MiB)]
+    hostile = [(GUEST_SIZE + 2 * MiB, 2 * MiB), (5, 0), (1 << 63, 0xFFFFFFFF)]  # walker does not judge them
+    indirect = [(32 * MiB + 4096 * k, 4096) for k in range(40)]
+    heads = [_add_ranges(ring, first), _add_ranges(ring, hostile), _add_ranges(ring, indirect, indirect=True)]
+    got = vq.pop_ranges(guest.mem, writable=True)
+    assert [h for h, _ in got] == heads
+    assert [[(d.addr, d.length) for d in descs] for _, descs in got] == [first, hostile, indirect]
+    assert all(d.flags & F_WRITE for _, descs in got for d in descs)
+    assert got[0][1][0].flags & F_NEXT and not got[0][1][1].flags & F_NEXT
+    assert vq.last_avail_idx == 3 and vq.pop_ranges(guest.mem, writable=True) == []
+
+
+def test_pop_ranges_refuses_the_wrong_direction_and_consumes_nothing(guest):
+    ring = DriverRing(guest, 16)
+    vq = Virtqueue(3)
+    ring.setup(vq)
+    _add_ranges(ring, [(2 * MiB, 2 * MiB), (4 * MiB, 4096)], flags=0)  # device-readable
+    with pytest.raises(RingError, match=r"queue 3: head 0: descriptor 0 is device-readable \(flags 0x1\) in a buffer of device-writable"):
+        vq.pop_ranges(guest.mem, writable=True)
+    assert vq.last_avail_idx == 0
+    got = vq.pop_ranges(guest.mem, writable=False)  # the same buffer is a fine stats buffer
+    assert [(d.addr, d.length) for d in got[0][1]] == [(2 * MiB, 2 * MiB), (4 * MiB, 4096)]
+
+
+def test_pop_ranges_shares_the_ring_guards(guest):
+    ring = DriverRing(guest, 16)
+    vq = Virtqueue(3)
+    ring.setup(vq)
+    _loop(ring)
+    with pytest.raises(RingError, match="a loop"):
+        vq.pop_ranges(guest.mem, writable=False)
+    assert vq.last_avail_idx == 0
+
+
+def test_pop_ranges_refuses_a_buffer_of_more_than_1024_descriptors(guest):
+    ring = DriverRing(guest, 16)
+    vq = Virtqueue(3)
+    ring.setup(vq, indirect=True)
+    _add_ranges(ring, [(2 * MiB, 4096)] * 1025, indirect=True)
+    with pytest.raises(RingError, match="buffer holds 1025 descriptors, more than the 1024"):
+        vq.pop_ranges(guest.mem, writable=True)
+    assert vq.last_avail_idx == 0
+
+
+def test_ranges_of_guest_memory_ballooned_pages_and_reads(guest):
+    mem = guest.mem
+    assert mem.region_of(0, GUEST_SIZE) == 0 and mem.region_of(GUEST_SIZE - 4096, 8192) is None
+    assert mem.region_of(0, 0) is None
+    mem.balloon_update(PfnArray.from_list([512, 513, 1023, 1024]), inflate=True)
+    assert mem.ballooned_in_range(2 * MiB, 2 * MiB) == 3  # pages 512..1023
+    assert mem.ballooned_in_range(4 * MiB, 4096) == 1 and mem.ballooned_in_range(6 * MiB, 2 * MiB) == 0
+    assert mem.ballooned_in_range(2 * MiB + 512, 4096) is None  # not 4 KiB aligned
+    assert mem.ballooned_in_range(GUEST_SIZE - 4096, 8192) is None  # not inside one region
+    guest.view[4096:4100] = b"\x01\x02\x03\x04"
+    assert mem.read(4096, 4) == b"\x01\x02\x03\x04" and mem.read(GUEST_SIZE - 2, 4) is None
+
+
+def test_restore_position_keeps_a_held_buffer_out_of_the_used_ring(guest):
+    ring = DriverRing(guest, 16)
+    vq = Virtqueue(2)
+    ring.setup(vq)
+    _add_ranges(ring, [(2 * MiB, 100)], flags=0)
+    _add_ranges(ring, [(2 * MiB, 100)], flags=0)
+    (h0, _), (h1, _) = vq.pop_ranges(guest.mem, writable=False)
+    vq.push_used([h0])
+    assert vq.position == (2, 1)
+    # Set up again (the memory table changed): the device goes back to base 0...
+    vq.setup(guest.mem, ring.num, UADDR + ring.desc, UADDR + ring.avail, UADDR + ring.used, 0, False, False)
+    assert vq.position == (0, 0)
+    vq.restore_position(2, 1)
+    assert vq.position == (2, 1) and vq.pop_ranges(guest.mem, writable=False) == []
+    vq.push_used([h1])
+    assert ring.used_idx() == 2 and ring.used_elem(1) == (h1, 0)

@@ -8,7 +8,8 @@ import json
 import sys
 
 from . import __version__
-from .device.features import DEFAULT_FEATURES, feature_names
+from .device.features import FeatureSpecError, feature_names, parse_feature_spec, queue_roles
+from .device.stats import DEFAULT_STATS_INTERVAL
 
 DAEMON_DESCRIPTION = """\
 A vhost-user virtio-balloon back-end. QEMU connects to --socket-path (or to the
@@ -23,12 +24,41 @@ Set the guest's target memory over the control socket:
 Try it without QEMU:  vhostballoon demo
 """
 
+FEATURES_HELP = """which balloon features to offer the guest (default: all). Comma-separated,
+applied left to right: 'all', 'none', NAME or +NAME (add), -NAME (remove); a
+list that starts with a removal starts from 'all' (write --features=-NAME).
+Names: must-tell-host; stats (statistics queue); oom (deflate-on-OOM: the
+guest deflates by itself under memory pressure, and keeps ballooned pages in
+its MemTotal); poison (page poisoning: reported pages are kept while the guest
+poisons free pages; a guest that poisons turns reporting off without it);
+reporting (free page reporting queue). Queues are packed: inflate, deflate,
+then stats and reporting when offered, so QEMU's num_vqs must be at least
+2 + stats + reporting (4 by default; 5 always works)."""
+
+
 
 def capabilities() -> dict:
     """What --print-capabilities prints (vhost-user.rst, "Backend program
     conventions"; schema: QEMU docs/interop/vhost-user.json,
     VHostUserBackendCapabilities, where "balloon" has no feature list)."""
     return {"type": "balloon"}
+
+
+def _feature_spec(value: str) -> int:
+    try:
+        return parse_feature_spec(value)
+    except FeatureSpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r}: give seconds >= 0 (0: off)")
+    return seconds
 
 
 def _daemon_parser() -> argparse.ArgumentParser:
@@ -61,6 +91,15 @@ def _daemon_parser() -> argparse.ArgumentParser:
         "'eager' frees every ballooned page at once (splits THPs); 'auto' (default) frees whole huge pages "
         "at once and the rest when --flush-bytes are pending, after --flush-after seconds, or when the "
         "guest reaches its target. Settable at run time: vhostballoon-ctl huge-policy",
+    )
+    p.add_argument("--features", type=_feature_spec, default="all", metavar="LIST", help=FEATURES_HELP)
+    p.add_argument(
+        "--stats-interval",
+        type=_seconds,
+        default=DEFAULT_STATS_INTERVAL,
+        metavar="SECONDS",
+        help=f"ask the guest for fresh memory statistics this often; 0: never (default {DEFAULT_STATS_INTERVAL:g}). "
+        "Settable at run time: vhostballoon-ctl stats-interval",
     )
     p.add_argument("--flush-bytes", default="64M", metavar="SIZE", help="auto: pending partial bytes that trigger a flush (default 64M)")
     p.add_argument("--flush-after", type=float, default=5.0, metavar="SECONDS", help="auto: longest wait of a pending page (default 5)")
@@ -119,8 +158,19 @@ def run_daemon(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("bad huge page options", error=str(exc))
         return 2
-    service = BalloonService(features=DEFAULT_FEATURES, state=state, flush_policy=flush_policy)
-    log.info("starting", version=__version__, features=feature_names(DEFAULT_FEATURES))
+    features = args.features
+    service = BalloonService(
+        features=features, state=state, flush_policy=flush_policy, stats_interval=args.stats_interval
+    )
+    roles = [r.value for r in queue_roles(features)]
+    log.info(
+        "starting",
+        version=__version__,
+        features=feature_names(features),
+        queues=dict(enumerate(roles)),
+        min_num_vqs=len(roles),
+        stats_interval=args.stats_interval,
+    )
     try:
         return trio.run(
             lambda: run_until_signalled(

@@ -3,6 +3,8 @@
     vhostballoon-ctl --socket-path /run/vb.sock balloon 512M --wait
     vhostballoon-ctl --socket-path /run/vb.sock query
     vhostballoon-ctl --socket-path /run/vb.sock huge-policy whole
+    vhostballoon-ctl --socket-path /run/vb.sock stats
+    vhostballoon-ctl --socket-path /run/vb.sock stats-interval 2
     vhostballoon-ctl --control-socket /run/vb.sock.ctl raw '{"execute": "query-balloon"}'
 """
 
@@ -74,6 +76,19 @@ def _print_query(info: dict) -> None:
         print(f"{key:<{width}}  {shown}")
 
 
+def _print_stats(info: dict) -> None:
+    stats = info.get("stats") or {}
+    if not stats:
+        why = "no front-end is connected" if not info.get("connected") else "the guest has sent none yet"
+        print(f"no statistics: {why} (statistics queue negotiated: {info.get('negotiated')})")
+    width = max([len(k) for k in stats] + [len("age-seconds")])
+    for key, value in stats.items():
+        shown = f"{value} ({format_size(value)})" if key.endswith(("-memory", "-caches", "swap-in", "swap-out")) else value
+        print(f"{key:<{width}}  {shown}")
+    for key in ("age-seconds", "stats-interval", "updates"):
+        print(f"{key:<{width}}  {info.get(key)}")
+
+
 def wait_for_target(client: ControlClient, target: int, timeout: float, interval: float = 0.25) -> int:
     """Show progress until the guest reaches the target; say why not otherwise."""
     last_actual = None
@@ -119,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("policy", choices=["auto", "whole", "eager"])
     h.add_argument("--flush-bytes", metavar="SIZE", help="auto: flush once this much is pending (e.g. 64M)")
     h.add_argument("--flush-after", type=float, metavar="SECONDS", help="auto: flush pages pending this long")
+    sub.add_parser("stats", help="show the guest's latest memory statistics (query-stats)")
+    si = sub.add_parser("stats-interval", help="how often to ask the guest for fresh statistics (seconds; 0: never)")
+    si.add_argument("seconds", type=float)
     sub.add_parser("watch", help="print events (BALLOON_CHANGE) as they come")
     r = sub.add_parser("raw", help="send one JSON command line, print the reply")
     r.add_argument("json")
@@ -147,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.flush_after is not None:
                 options["flush-after"] = args.flush_after
             _print_query(client.execute("set-huge-policy", **options))
+            return 0
+        if args.command == "stats":
+            _print_stats(client.execute("query-stats"))
+            return 0
+        if args.command == "stats-interval":
+            _print_query(client.execute("set-stats-interval", interval=args.seconds))
             return 0
         if args.command == "query":
             _print_query(client.execute("query-balloon"))

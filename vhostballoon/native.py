@@ -28,6 +28,11 @@ PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
 _ERRLEN = 512
+# Descriptors one pop_ranges returns, and so the most one buffer may have:
+# QEMU's virtqueue_pop refuses more than VIRTQUEUE_MAX_SIZE (1024) too.  A
+# Linux reporting buffer has at most 32 (PAGE_REPORTING_CAPACITY), a stats
+# buffer one.
+MAX_RANGES_PER_POP = 1024
 _DISCARD_METHODS = {0: "untried", 1: "fallocate", 2: "madvise"}
 
 # What a region's fd lives on (vb.h VB_BACKING_*, from fstatfs f_type).
@@ -205,6 +210,16 @@ class RangeList:
         return f"RangeList(n={self.n}, [{head}{more}])"
 
 
+@dataclass(frozen=True)
+class DescRange:
+    """One descriptor of a buffer popped with ``Virtqueue.pop_ranges``, as the
+    driver wrote it; its address is unchecked (validate before use)."""
+
+    addr: int
+    length: int
+    flags: int
+
+
 def fd_backing(fd: int) -> tuple[str, int]:
     """What fd lives on, by fstatfs: ("shmem" | "hugetlbfs" | "file", f_bsize)."""
     block = ffi.new("uint64_t *")
@@ -368,6 +383,29 @@ class GuestMemory:
         p = lib.vb_mem_gpa_to_host(self._table(), gpa, length)
         return None if p == ffi.NULL else int(ffi.cast("uintptr_t", p))
 
+    def region_of(self, gpa: int, length: int) -> int | None:
+        """Index of the region that holds all of [gpa, gpa+length), length > 0."""
+        if not (0 <= gpa < 1 << 64 and 0 < length < 1 << 64):
+            return None
+        index = lib.vb_mem_region_of(self._table(), gpa, length)
+        return None if index < 0 else index
+
+    def read(self, gpa: int, length: int) -> bytes | None:
+        """A copy of guest memory [gpa, gpa+length), or None if it is not
+        inside one region.  The caller keeps the table from changing meanwhile."""
+        address = self.translate(gpa, length)
+        if address is None:
+            return None
+        return bytes(ffi.buffer(ffi.cast("uint8_t *", address), length)) if length else b""
+
+    def ballooned_in_range(self, gpa: int, length: int) -> int | None:
+        """Ballooned 4 KiB pages in [gpa, gpa+length); None when the range is
+        not 4 KiB aligned or not inside one region."""
+        if not (0 <= gpa < 1 << 64 and 0 <= length < 1 << 64):
+            return None
+        count = lib.vb_mem_ballooned_in_range(self._table(), gpa, length)
+        return None if count < 0 else count
+
     # -- balloon -----------------------------------------------------------------
 
     def balloon_update(self, pfns: PfnArray, inflate: bool) -> BalloonUpdate:
@@ -490,6 +528,8 @@ class Virtqueue:
         self._heads = ffi.new("uint16_t[]", max_heads)
         self._max_heads = max_heads
         self._n_pfns = ffi.new("uint32_t *")
+        self._ranges = None  # vb_desc_range[MAX_RANGES_PER_POP], made on the first pop_ranges
+        self._counts = None
         self._mem: GuestMemory | None = None
         self._generation = -1
 
@@ -575,6 +615,54 @@ class Virtqueue:
         pfns.n = self._n_pfns[0]
         heads = ffi.unpack(self._heads, count) if count else []
         return heads, pfns
+
+    def pop_ranges(self, mem: GuestMemory, *, writable: bool) -> list[tuple[int, list[DescRange]]]:
+        """Pop every whole buffer available now and return its descriptors:
+        ``[(head, [DescRange, ...]), ...]``.  ``writable``: every descriptor
+        must be device-writable (free page reporting), else device-readable
+        (statistics); otherwise the ring is malformed.  Addresses are not
+        checked.  A buffer of more than MAX_RANGES_PER_POP descriptors is
+        malformed.  On RingError nothing is consumed."""
+        self._check_mapped()
+        if mem is not self._mem:
+            raise self._fail("pop_ranges with a different memory table than setup")
+        if self._ranges is None:
+            self._ranges = ffi.new("vb_desc_range[]", MAX_RANGES_PER_POP)
+            self._counts = ffi.new("uint32_t[]", self._max_heads)
+        err = _errbuf()
+        n_ranges = ffi.new("uint32_t *")
+        count = lib.vb_vq_pop_ranges(
+            self._vq, mem._mem, 1 if writable else 0, self._ranges, MAX_RANGES_PER_POP, n_ranges,
+            self._heads, self._counts, self._max_heads, err, _ERRLEN,
+        )
+        if count < 0:
+            raise self._fail(_errtext(err))
+        buffers = []
+        at = 0
+        for k in range(count):
+            descs = []
+            for r in self._ranges[at : at + self._counts[k]]:
+                descs.append(DescRange(r.addr, r.len, r.flags))
+            at += self._counts[k]
+            buffers.append((self._heads[k], descs))
+        return buffers
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(last_avail_idx, used_idx): where the device is in the ring.  They
+        differ while popped buffers are held (the statistics buffer)."""
+        return self._vq.last_avail_idx, self._vq.used_idx
+
+    def restore_position(self, last_avail_idx: int, used_idx: int) -> None:
+        """After setting the rings up again (guest memory changed), carry on
+        where the device was instead of going back to the original base."""
+        self._check_mapped()
+        if not (0 <= last_avail_idx < 1 << 16 and 0 <= used_idx < 1 << 16):
+            raise self._fail(f"ring position {last_avail_idx}/{used_idx} is not 16-bit")
+        self._vq.last_avail_idx = last_avail_idx
+        self._vq.used_idx = used_idx
+        self._vq.signalled_used = used_idx
+        self._vq.signalled_used_valid = 0
 
     def push_used(self, heads: Sequence[int], lens: Sequence[int] | None = None) -> None:
         """Return buffers to the driver (len = bytes written, 0 by default)."""

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from ..native import PAGE_SHIFT, PAGE_SIZE, DiscardStats, GuestMemory, PfnArray
+from ..native import PAGE_SHIFT, PAGE_SIZE, DescRange, DiscardStats, GuestMemory, PfnArray
 from .config import ACTUAL_OFFSET, CONFIG_SIZE, POISON_OFFSET, BalloonConfig, check_access
 from .features import DEFAULT_FEATURES, QueueRole, RingFeature, feature_names, queue_roles
+from .reporting import ReportCounters, ReportPlan, Skip, plan_report
+from .stats import MAX_STATS_BYTES, GuestStats
 
 log = structlog.get_logger("vhostballoon.device")
 
@@ -61,6 +63,10 @@ class Counters:
     repeated_pfns: int = 0
     discard: DiscardStats = field(default_factory=DiscardStats)
     freed_measured: int = 0  # drop of the backing files' allocated bytes across our discards
+    # Pages the guest took back while its balloon was at or below the target:
+    # nobody asked for them (DEFLATE_ON_OOM: Linux deflates under memory pressure).
+    pages_deflated_unasked: int = 0
+    report: ReportCounters = field(default_factory=ReportCounters)
 
 
 class BalloonDevice:
@@ -80,6 +86,7 @@ class BalloonDevice:
         self.config = BalloonConfig()
         self.target_bytes = target_bytes
         self.counters = Counters()
+        self.stats = GuestStats()
 
     # -- features and queues -------------------------------------------------
 
@@ -147,7 +154,19 @@ class BalloonDevice:
             self.config.actual = written.actual
         if offset < POISON_OFFSET + 4 and offset + len(data) > POISON_OFFSET:
             self.config.poison_val = written.poison_val
-        return ConfigWrite(old, self.config.actual, self.config.poison_val)
+        write = ConfigWrite(old, self.config.actual, self.config.poison_val)
+        unasked = min(old, self.config.num_pages) - write.new_actual
+        if unasked > 0:
+            self.counters.pages_deflated_unasked += unasked
+        return write
+
+    @property
+    def poisoning(self) -> bool:
+        """The guest poisons free pages (config poison_val != 0): a reported
+        page must keep its content.  Honoured whether or not PAGE_POISON was
+        negotiated yet: Linux writes poison_val during probe, before the
+        front-end sends SET_FEATURES."""
+        return self.config.poison_val != 0
 
     @property
     def actual_bytes(self) -> int | None:
@@ -206,6 +225,47 @@ class BalloonDevice:
                 return pfn  # inside guest memory, so not one of the invalid ones
         return None
 
+    # -- free page reporting ---------------------------------------------------
+
+    def plan_report(self, descs: list[DescRange], *, whole_huge_pages_only: bool) -> ReportPlan:
+        """Check one reporting buffer's entries (reporting.plan_report) and
+        count them.  Call under the memory lock."""
+        plan = plan_report(descs, self.memory, poison=self.poisoning, whole_huge_pages_only=whole_huge_pages_only)
+        self.counters.report.add_plan(plan)
+        return plan
+
+    def record_report_discard(self, stats: DiscardStats, freed_measured: int) -> None:
+        report = self.counters.report
+        report.freed_bytes += stats.bytes_freed
+        report.freed_measured += freed_measured
+        if stats.bytes_failed or stats.pages_outside:
+            report.add_skipped(Skip.DISCARD_FAILED, stats.bytes_failed + stats.pages_outside * PAGE_SIZE)
+
+    # -- statistics ------------------------------------------------------------
+
+    def record_stats(self, descs: list[DescRange]) -> int:
+        """Decode one stats buffer (device-readable descriptors, read as one
+        byte string as the spec's scatterlist semantics say).  Returns the
+        number of bytes that could not be used; a descriptor outside guest
+        memory makes the whole buffer unusable.  Call under the memory lock."""
+        chunks = []
+        total = 0
+        for d in descs:
+            length = min(d.length, MAX_STATS_BYTES - total)
+            if length <= 0:
+                break
+            chunk = self.memory.read(d.addr, length)
+            if chunk is None:
+                self.stats.bad_buffers += 1
+                log.warning("stats buffer outside guest memory: ignored", addr=hex(d.addr), len=d.length)
+                return sum(x.length for x in descs)
+            chunks.append(chunk)
+            total += length
+        trailing = self.stats.record(b"".join(chunks))
+        if trailing:
+            log.warning("stats buffer is not a whole number of 10-byte entries", trailing_bytes=trailing)
+        return trailing
+
     def record_discard(self, stats: DiscardStats, freed_measured: int) -> None:
         self.counters.discard.add(stats)
         self.counters.freed_measured += freed_measured
@@ -234,6 +294,9 @@ class BalloonDevice:
             "discard-failed-bytes": c.discard.bytes_failed,
             "discard-syscalls": c.discard.syscalls,
             "freed-bytes-measured": c.freed_measured,
+            "pages-deflated-unasked": c.pages_deflated_unasked,
+            "poison-val": self.config.poison_val,
+            **c.report.describe(),
         }
 
 

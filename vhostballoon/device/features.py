@@ -30,13 +30,68 @@ _FEATURE_NAMES = {
     **{int(f): f"ring:{f.name.lower()}" for f in RingFeature},
 }
 
-# What this back-end offers by default (issue 2 scope: inflate/deflate only).
-DEFAULT_FEATURES = int(
-    BalloonFeature.MUST_TELL_HOST
-    | RingFeature.INDIRECT_DESC
-    | RingFeature.EVENT_IDX
-    | RingFeature.VERSION_1
-)
+# The balloon features this back-end implements, by the names operators use
+# (``--features``).  FREE_PAGE_HINT (a migration aid) is not implemented and
+# never offered.
+FEATURE_FLAGS: dict[str, BalloonFeature] = {
+    "must-tell-host": BalloonFeature.MUST_TELL_HOST,
+    "stats": BalloonFeature.STATS_VQ,
+    "oom": BalloonFeature.DEFLATE_ON_OOM,
+    "poison": BalloonFeature.PAGE_POISON,
+    "reporting": BalloonFeature.REPORTING,
+}
+FEATURE_ALIASES = {
+    "stats-vq": "stats",
+    "deflate-on-oom": "oom",
+    "page-poison": "poison",
+    "free-page-reporting": "reporting",
+}
+IMPLEMENTED_FEATURES = int(sum(FEATURE_FLAGS.values(), BalloonFeature(0)))
+
+# Always offered: the ring layout the walker implements, and VERSION_1 (QEMU's
+# vhost-user test device is modern-only).
+RING_FEATURES = int(RingFeature.INDIRECT_DESC | RingFeature.EVENT_IDX | RingFeature.VERSION_1)
+
+# What this back-end offers unless told otherwise: everything it implements.
+DEFAULT_FEATURES = IMPLEMENTED_FEATURES | RING_FEATURES
+
+
+class FeatureSpecError(ValueError):
+    """A --features value that does not parse."""
+
+
+def parse_feature_spec(spec: str) -> int:
+    """The feature bits an operator's ``--features`` value asks to offer.
+
+    Comma-separated tokens, applied left to right: ``all`` (every
+    implemented feature), ``none``, ``NAME`` or ``+NAME`` (add), ``-NAME``
+    (remove).  A value that starts with a removal starts from ``all``; one
+    that starts with a name starts from ``none``.  So ``stats,reporting``
+    offers exactly those two, ``-reporting`` everything but reporting.
+    The ring features (VERSION_1, EVENT_IDX, INDIRECT_DESC) are always offered.
+    """
+    tokens = [t.strip().lower() for t in spec.split(",")]
+    if not spec.strip() or any(not t for t in tokens):
+        raise FeatureSpecError(f"--features {spec!r}: empty item (expected e.g. 'all', 'stats,reporting', '-poison')")
+    balloon = IMPLEMENTED_FEATURES if tokens[0].startswith("-") else 0
+    for token in tokens:
+        if token in ("all", "none"):
+            balloon = IMPLEMENTED_FEATURES if token == "all" else 0
+            continue
+        sign, name = (token[0], token[1:]) if token[0] in "+-" else ("+", token)
+        name = FEATURE_ALIASES.get(name, name)
+        if name not in FEATURE_FLAGS:
+            hint = " (free page hinting is not implemented)" if name in ("free-page-hint", "hint") else ""
+            known = ", ".join(["all", "none", *FEATURE_FLAGS])
+            raise FeatureSpecError(f"--features {spec!r}: unknown feature {name!r}{hint}; known: {known}")
+        bit = int(FEATURE_FLAGS[name])
+        balloon = balloon | bit if sign == "+" else balloon & ~bit
+    return balloon | RING_FEATURES
+
+
+def feature_flag_names(features: int) -> list[str]:
+    """The ``--features`` names of the balloon bits set in features."""
+    return [name for name, bit in FEATURE_FLAGS.items() if features & bit]
 
 
 class QueueRole(enum.Enum):
@@ -62,6 +117,12 @@ def queue_roles(features: int) -> list[QueueRole]:
     if features & BalloonFeature.REPORTING:
         roles.append(QueueRole.REPORTING)
     return roles
+
+
+def queues_needed(features: int) -> int:
+    """How many queues a guest uses with these features (QEMU's ``num_vqs``
+    must be at least this)."""
+    return len(queue_roles(features))
 
 
 def feature_names(features: int) -> list[str]:

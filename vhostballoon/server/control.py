@@ -7,6 +7,11 @@
     <- {"event": "BALLOON_CHANGE", "data": {"actual": 1065353216}, "timestamp": {...}}
     -> {"execute": "set-huge-policy", "arguments": {"policy": "whole"}}
     <- {"return": {"huge-page-policy": "whole", "flush-bytes": 67108864, "flush-after": 5.0}}
+    -> {"execute": "query-stats"}
+    <- {"return": {"stats": {"stat-free-memory": 812609536, ...}, "last-update": 1767225600,
+                   "age-seconds": 1.2, "stats-interval": 5.0, "updates": 12, ...}}
+    -> {"execute": "set-stats-interval", "arguments": {"interval": 2}}
+    <- {"return": {"stats-interval": 2.0}}
 
 Errors are {"error": {"class": "GenericError", "desc": "..."}}. A client that
 sends garbage gets an error and may go on; one whose line grows past
@@ -57,6 +62,18 @@ def _command_set_huge_policy(service: BalloonService, args: dict[str, Any]) -> d
     return {"huge-page-policy": policy.mode.value, "flush-bytes": policy.flush_bytes, "flush-after": policy.flush_after}
 
 
+def _command_query_stats(service: BalloonService, args: dict[str, Any]) -> dict:
+    if args:
+        raise CommandError(f"query-stats takes no arguments, got {sorted(args)}")
+    return service.query_stats()
+
+
+def _command_set_stats_interval(service: BalloonService, args: dict[str, Any]) -> dict:
+    if set(args) != {"interval"}:
+        raise CommandError(f"set-stats-interval takes exactly one argument 'interval' (seconds, 0: off), got {sorted(args)}")
+    return {"stats-interval": service.set_stats_interval(args["interval"])}
+
+
 def _command_capabilities(service: BalloonService, args: dict[str, Any]) -> dict:
     return {}  # accepted for QMP clients' sake; there is no capability negotiation
 
@@ -65,6 +82,8 @@ COMMANDS = {
     "balloon": _command_balloon,
     "query-balloon": _command_query_balloon,
     "set-huge-policy": _command_set_huge_policy,
+    "query-stats": _command_query_stats,
+    "set-stats-interval": _command_set_stats_interval,
     "qmp_capabilities": _command_capabilities,
 }
 

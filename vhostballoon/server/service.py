@@ -3,14 +3,16 @@ subscribers of the control socket, and which session is current."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
 import trio
 
-from ..device.features import DEFAULT_FEATURES, feature_names
+from ..device.features import DEFAULT_FEATURES, feature_flag_names, feature_names, queue_roles
 from ..device.hugepages import FlushPolicy, HugePolicy, describe_discards
+from ..device.stats import DEFAULT_STATS_INTERVAL, GuestStats
 from .state import StateStore
 
 if TYPE_CHECKING:
@@ -39,8 +41,10 @@ class BalloonService:
         target_bytes: int | None = None,
         state: StateStore | None = None,
         flush_policy: FlushPolicy | None = None,
+        stats_interval: float = DEFAULT_STATS_INTERVAL,
     ) -> None:
         self.features = features
+        self.stats_interval = self._check_interval(stats_interval)
         self.state = state
         saved = state.load() if state is not None else {}
         if target_bytes is None:
@@ -87,6 +91,34 @@ class BalloonService:
             self.session.set_flush_policy(policy)
         return policy
 
+    @staticmethod
+    def _check_interval(seconds: Any) -> float:
+        if (
+            not isinstance(seconds, (int, float))
+            or isinstance(seconds, bool)
+            or not math.isfinite(seconds)
+            or seconds < 0
+        ):
+            raise CommandError(f"stats interval must be a number of seconds >= 0 (0: off), got {seconds!r}")
+        return float(seconds)
+
+    def set_stats_interval(self, seconds: float) -> float:
+        """How often the guest is asked for fresh statistics (0: never), at run time."""
+        self.stats_interval = self._check_interval(seconds)
+        log.info("stats interval set", stats_interval=self.stats_interval)
+        if self.session is not None:
+            self.session.stats_interval_changed()
+        return self.stats_interval
+
+    def query_stats(self) -> dict[str, Any]:
+        """The guest's latest statistics (query-stats)."""
+        session = self.session
+        stats = session.device.stats if session is not None else GuestStats()
+        result = stats.describe(self.stats_interval)
+        result["connected"] = session is not None
+        result["negotiated"] = bool(session is not None and "balloon:stats_vq" in feature_names(session.device.acked_features))
+        return result
+
     def _save(self) -> None:
         if self.state is None:
             return
@@ -104,6 +136,9 @@ class BalloonService:
             "target": self.target_bytes,
             "connected": session is not None,
             "offered-features": feature_names(self.features),
+            "offered-feature-flags": feature_flag_names(self.features),
+            "offered-queues": [r.value for r in queue_roles(self.features)],
+            "stats-interval": self.stats_interval,
             "sessions-served": self.sessions_served,
             "huge-page-policy": self.flush_policy.mode.value,
             "flush-bytes": self.flush_policy.flush_bytes,
@@ -117,6 +152,7 @@ class BalloonService:
             result.update(describe_discards(device.counters.discard))
             result["host-allocated-bytes"] = session.memory.allocated_bytes()
             result["broken-queues"] = session.broken_queues()
+            result["guest-stats"] = device.stats.describe(self.stats_interval)
         return result
 
     # -- events ------------------------------------------------------------------

@@ -5,17 +5,31 @@ BackendConnection; this module does the I/O it asks for: mapping guest
 memory, waiting on kick eventfds, signalling call eventfds, running discards
 in a worker thread, and talking on the backend channel.
 
+Queues and what serves them: inflate and deflate (PFN arrays, the balloon
+bitmap, the huge page tracker, discards), reporting (free ranges checked by
+device.reporting and discarded, the buffer returned at once), stats (the
+guest's one buffer is decoded and held; a timer returns it every
+``stats-interval`` seconds so the guest refills it).  Free page hinting is
+never offered, so never served.
+
 Concurrency rules:
 - ``memory_lock`` is held by whoever reads the rings or changes the memory
   table, so a discard running in a worker thread never sees its mapping go.
 - GET_CONFIG never takes that lock: a guest vCPU waits on it synchronously.
 - A popped batch is processed to the end (bitmap, discard, used ring, call)
-  before its queue can stop: there is no checkpoint between pop and push
-  other than the worker thread, which cancellation waits for.
+  before its queue can stop: pop to push runs shielded from cancellation
+  (the discard thread could not be interrupted anyway), and a stopped queue
+  takes no further batch.  The one buffer deliberately held across time is
+  the guest's stats buffer; GET_VRING_BASE hands it back as not consumed.
+- Deflate is sacred: a page the guest took back leaves the huge page
+  tracker before anything else can free it, and a report overlapping a
+  ballooned page is refused (device.reporting says why it never happens
+  with a correct guest).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -27,7 +41,8 @@ import trio
 from ..device.balloon import BalloonDevice, FeatureError
 from ..device.config import CONFIG_SIZE, ConfigAccessError
 from ..device.features import MAX_QUEUES, QueueRole
-from ..device.hugepages import FlushPolicy, HugePageTracker
+from ..device.hugepages import FlushPolicy, HugePageTracker, HugePolicy
+from ..device.reporting import ReportPlan
 from ..native import PAGE_SHIFT, GuestMemory, MemoryTableError, PfnArray, RangeList, RingError, Virtqueue
 from ..vhost_user import connection as vu
 from ..vhost_user.constants import VHOST_USER_F_PROTOCOL_FEATURES, BackendRequest, ProtocolFeature
@@ -43,6 +58,8 @@ log = structlog.get_logger("vhostballoon.session")
 PROTOCOL_FEATURES = int(vu.SUPPORTED_PROTOCOL_FEATURES)
 MAX_MEM_SLOTS = 32  # csrc/vb.h: vb_mem holds 32 regions
 BACKEND_REPLY_TIMEOUT = 5.0  # seconds to wait for the front-end's ack of CONFIG_CHANGE_MSG
+# Reporting buffers with invalid entries logged per connection; later ones are only counted.
+INVALID_REPORT_LOG_LIMIT = 20
 
 
 class SessionClosed(Exception):
@@ -65,6 +82,7 @@ class QueueState:
     buffers: int = 0
     signals: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
+    held_head: int | None = None  # stats queue: the guest's buffer, kept until fresh numbers are wanted
 
     @property
     def running(self) -> bool:
@@ -92,6 +110,9 @@ class FrontendSession:
         self.huge = HugePageTracker(self.memory, service.flush_policy)
         self._flush_timer_armed = False
         self._failed_regions_reported: set[int] = set()
+        self._stats_wakeup = trio.Event()
+        self._invalid_reports_logged = 0
+        self._unnatural_reports_logged = False
         self._handlers: dict[type, Callable] = {
             vu.FeaturesSet: self._on_features,
             vu.StatusSet: self._on_status,
@@ -119,6 +140,7 @@ class FrontendSession:
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
+                nursery.start_soon(self._stats_timer)
                 try:
                     await self._receive_loop()
                 finally:
@@ -258,7 +280,7 @@ class FrontendSession:
         for q in self.queues:
             if q.addr is not None and q.num is not None:
                 try:
-                    self._setup_ring(q)
+                    self._setup_ring(q, keep_position=True)
                 except RingError as exc:
                     self._stop_worker(q)
                     log.warning("ring no longer in guest memory", queue=q.index, error=str(exc))
@@ -270,12 +292,20 @@ class FrontendSession:
 
     # -- rings ---------------------------------------------------------------------
 
-    def _setup_ring(self, q: QueueState) -> None:
+    def _setup_ring(self, q: QueueState, *, keep_position: bool = False) -> None:
+        """Map the rings.  keep_position (guest memory changed under a
+        running ring): carry on where the device was, held stats buffer
+        included, instead of going back to SET_VRING_BASE's base."""
         a = q.addr
+        position = q.vq.position if keep_position and q.vq.ready else None
         q.vq.setup(
             self.memory, q.num, a.desc, a.avail, a.used, q.base,
             event_idx=self.device.event_idx, indirect=self.device.indirect,
         )
+        if position is not None:
+            q.vq.restore_position(*position)
+        else:
+            q.held_head = None
 
     async def _on_vring_num(self, ev: vu.VringNumSet) -> None:
         self.queues[ev.index].num = ev.num
@@ -299,6 +329,12 @@ class FrontendSession:
         self._stop_worker(q)
         async with self.memory_lock:
             base = q.vq.last_avail_idx if q.vq.ready else q.base
+            if q.held_head is not None:
+                # The held stats buffer was never used: hand it back as not
+                # consumed, so a restarted ring pops it again and the guest,
+                # which waits for it, does not lose its statistics for good.
+                base = (base - 1) & 0xFFFF
+                q.held_head = None
         q.base = base
         q.enabled = False
         self._replace_fd(q, "kick_fd", None)
@@ -341,8 +377,10 @@ class FrontendSession:
         role = self.device.role_of(q.index)
         if q.running or not q.enabled or q.kick_fd is None or not q.vq.ready or q.broken:
             return
-        if role not in (QueueRole.INFLATE, QueueRole.DEFLATE):
-            log.info("queue not served yet", queue=q.index, role=role.value if role else None)
+        if role not in (QueueRole.INFLATE, QueueRole.DEFLATE, QueueRole.STATS, QueueRole.REPORTING):
+            # Free page hinting is never offered; a queue beyond the
+            # negotiated ones (QEMU enables all num_vqs) has no role.
+            log.info("queue not served", queue=q.index, role=role.value if role else None)
             return
         q.scope = trio.CancelScope()
         self.nursery.start_soon(self._queue_worker, q, role, q.scope)
@@ -357,57 +395,204 @@ class FrontendSession:
         return {q.index: q.broken for q in self.queues if q.broken}
 
     async def _queue_worker(self, q: QueueState, role: QueueRole, scope: trio.CancelScope) -> None:
+        process = {
+            QueueRole.INFLATE: self._process,
+            QueueRole.DEFLATE: self._process,
+            QueueRole.REPORTING: self._process_reports,
+            QueueRole.STATS: self._process_stats,
+        }[role]
         with scope:
             kick_fd = q.kick_fd
             while True:
-                await self._process(q, role)  # buffers may be there before the first kick
+                # Buffers may be there before the first kick: Linux primes the
+                # stats queue before DRIVER_OK, and QEMU drops that kick.
+                await process(q, role, scope)
                 await trio.lowlevel.wait_readable(kick_fd)
                 try:
                     os.eventfd_read(kick_fd)
                 except BlockingIOError:
                     pass
 
-    async def _process(self, q: QueueState, role: QueueRole) -> None:
+    async def _process(self, q: QueueState, role: QueueRole, scope: trio.CancelScope) -> None:
         async with self.memory_lock:
-            while True:
+            with trio.CancelScope(shield=True):  # pop -> push: see the module docstring
+                await self._process_locked(q, role, scope)
+        self._arm_flush_timer()
+
+    async def _process_locked(self, q: QueueState, role: QueueRole, scope: trio.CancelScope) -> None:
+        while not scope.cancel_called:
+            try:
+                heads, pfns = q.vq.pop_pfns(self.memory)
+            except RingError as exc:
+                self._ring_broken(q, str(exc))
+                return
+            if not heads:
+                break
+            update = self.device.apply(role, pfns, len(heads))
+            if role is QueueRole.INFLATE:
+                # Whole huge pages (and pages of regions that do not defer)
+                # come back to free now; partial huge pages stay pending.
+                ranges = self.huge.inflated(update.changed)
+            else:
+                # Deflate is sacred: these pages leave pending tracking
+                # before anything else can free them (we hold the lock).
+                self.huge.deflated(update.changed)
+                ranges = None
+            if self.huge.flush_due(guest_at_target=self._guest_at_target()):
+                pending = self.huge.collect()
+                ranges = pending if ranges is None else ranges + pending
+            if ranges is not None and len(ranges):
+                # Freed before the used buffer goes back and before the
+                # lock is released: a deflate can never overtake it.
+                await self._discard(ranges)
+            q.vq.push_used(heads)
+            q.buffers += len(heads)
+            if q.vq.should_signal():
+                self._signal(q.call_fd)
+                q.signals += 1
+
+    # -- free page reporting -------------------------------------------------------
+
+    async def _process_reports(self, q: QueueState, role: QueueRole, scope: trio.CancelScope) -> None:
+        """Free what each reporting buffer lists, then return it (used len 0):
+        the guest blocks until it comes back."""
+        whole_only = self.huge.policy.mode is HugePolicy.WHOLE
+        async with self.memory_lock:
+            with trio.CancelScope(shield=True):  # pop -> push: see the module docstring
+                while not scope.cancel_called:
+                    try:
+                        buffers = q.vq.pop_ranges(self.memory, writable=True)
+                    except RingError as exc:
+                        self._ring_broken(q, str(exc))
+                        return
+                    if not buffers:
+                        break
+                    free: list[tuple[int, int]] = []
+                    for head, descs in buffers:
+                        plan = self.device.plan_report(descs, whole_huge_pages_only=whole_only)
+                        self._log_report(q, head, plan)
+                        free.extend(plan.free)
+                    if free:
+                        stats, measured = await self._discard(RangeList.from_list(free))
+                        self.device.record_report_discard(stats, measured)
+                    heads = [head for head, _ in buffers]
+                    q.vq.push_used(heads, [0] * len(heads))
+                    q.buffers += len(heads)
+                    if q.vq.should_signal():
+                        self._signal(q.call_fd)
+                        q.signals += 1
+
+    def _log_report(self, q: QueueState, head: int, plan: ReportPlan) -> None:
+        log.debug(
+            "free pages reported",
+            queue=q.index, head=head, entries=plan.entries, reported=plan.reported_bytes,
+            freeing=plan.free_bytes, skipped={k.value: v for k, v in plan.skipped.items()},
+            invalid=len(plan.invalid),
+        )
+        if plan.invalid:
+            self._invalid_reports_logged += 1
+            if self._invalid_reports_logged <= INVALID_REPORT_LOG_LIMIT:
+                d, reason = plan.invalid[0]
+                log.warning(
+                    "invalid free page report entries: skipped, never freed",
+                    queue=q.index, head=head, count=len(plan.invalid),
+                    reasons=sorted({r.value for _, r in plan.invalid}),
+                    first_addr=hex(d.addr), first_len=d.length, first_reason=reason.value,
+                    guest_ram=self.memory.total_bytes,
+                )
+                if self._invalid_reports_logged == INVALID_REPORT_LOG_LIMIT:
+                    log.warning("further invalid report entries are counted (query-balloon), not logged")
+        if plan.unnatural and not self._unnatural_reports_logged:
+            self._unnatural_reports_logged = True  # legal, freed; worth one line per connection
+            d = plan.unnatural[0]
+            log.info(
+                "reported range is not a naturally aligned power of two (freed anyway; "
+                "Linux reports whole buddy blocks, so the guest's page reporting order may be lowered)",
+                addr=hex(d.addr), len=d.length,
+            )
+
+    # -- statistics ----------------------------------------------------------------
+
+    def _queue_of(self, role: QueueRole) -> QueueState | None:
+        roles = self.device.roles
+        return self.queues[roles.index(role)] if role in roles else None
+
+    async def _process_stats(self, q: QueueState, role: QueueRole, scope: trio.CancelScope) -> None:
+        """Decode the guest's stats buffer and keep it (the guest adds one and
+        waits for it to come back); a second one replaces the first, which
+        goes back at once."""
+        async with self.memory_lock:
+            with trio.CancelScope(shield=True):
                 try:
-                    heads, pfns = q.vq.pop_pfns(self.memory)
+                    buffers = q.vq.pop_ranges(self.memory, writable=False)
                 except RingError as exc:
                     self._ring_broken(q, str(exc))
                     return
-                if not heads:
-                    break
-                update = self.device.apply(role, pfns, len(heads))
-                if role is QueueRole.INFLATE:
-                    # Whole huge pages (and pages of regions that do not defer)
-                    # come back to free now; partial huge pages stay pending.
-                    ranges = self.huge.inflated(update.changed)
-                else:
-                    # Deflate is sacred: these pages leave pending tracking
-                    # before anything else can free them (we hold the lock).
-                    self.huge.deflated(update.changed)
-                    ranges = None
-                if self.huge.flush_due(guest_at_target=self._guest_at_target()):
-                    pending = self.huge.collect()
-                    ranges = pending if ranges is None else ranges + pending
-                if ranges is not None and len(ranges):
-                    # Freed before the used buffer goes back and before the
-                    # lock is released: a deflate can never overtake it.
-                    await self._discard(ranges)
-                q.vq.push_used(heads)
-                q.buffers += len(heads)
-                if q.vq.should_signal():
-                    self._signal(q.call_fd)
-                    q.signals += 1
-        self._arm_flush_timer()
+                if not buffers:
+                    return
+                head, descs = buffers[-1]
+                self.device.record_stats(descs)
+                give_back = [h for h, _ in buffers[:-1]]
+                if q.held_head is not None:
+                    give_back.insert(0, q.held_head)
+                q.held_head = head
+                if give_back:
+                    log.info("guest posted another stats buffer while one was held: the older goes back",
+                             queue=q.index, returned=len(give_back))
+                    self._give_back(q, give_back)
+        log.debug("guest statistics", updates=self.device.stats.updates, stats=len(self.device.stats.values))
 
-    async def _discard(self, ranges: RangeList) -> None:
+    def _give_back(self, q: QueueState, heads: list[int]) -> None:
+        q.vq.push_used(heads, [0] * len(heads))
+        q.buffers += len(heads)
+        if q.vq.should_signal():
+            self._signal(q.call_fd)
+            q.signals += 1
+
+    async def request_stats(self) -> bool:
+        """Return the held stats buffer so the guest refills it with fresh
+        numbers; False when none is held (no stats queue, not started, or
+        the guest has not refilled the last one yet)."""
+        q = self._queue_of(QueueRole.STATS)
+        if q is None:
+            return False
+        async with self.memory_lock:
+            if q.held_head is None or not q.running:
+                return False
+            head, q.held_head = q.held_head, None
+            try:
+                self._give_back(q, [head])
+            except RingError as exc:
+                log.warning("stats queue no longer usable", queue=q.index, error=str(exc))
+                return False
+        return True
+
+    async def _stats_timer(self) -> None:
+        """Ask for fresh statistics every ``stats-interval`` seconds (0: never)."""
+        while True:
+            wakeup = self._stats_wakeup = trio.Event()
+            interval = self.service.stats_interval
+            with trio.move_on_after(interval if interval > 0 else math.inf):
+                await wakeup.wait()
+            if not wakeup.is_set():
+                await self.request_stats()
+
+    def stats_interval_changed(self) -> None:
+        """The operator changed the interval: restart the timer, and fetch
+        fresh numbers now if polling is on."""
+        self._stats_wakeup.set()
+        if self.service.stats_interval > 0 and self.nursery is not None:
+            self.nursery.start_soon(self.request_stats)
+
+    async def _discard(self, ranges: RangeList):
         """Free ranges in a worker thread (cffi releases the GIL); the memory
-        lock must be held by the caller."""
+        lock must be held by the caller.  Returns (DiscardStats, bytes the
+        backing files shrank by)."""
         stats, measured = await trio.to_thread.run_sync(self._discard_blocking, ranges)
         self.device.record_discard(stats, measured)
         if stats.bytes_failed:
             self._report_discard_failure(stats)
+        return stats, measured
 
     def _discard_blocking(self, ranges: RangeList):
         before = self.memory.allocated_bytes()
@@ -493,10 +678,25 @@ class FrontendSession:
         return self.device.read_config(ev.offset, ev.size)
 
     async def _on_config_set(self, ev: vu.ConfigSet) -> None:
+        unasked_before = self.device.counters.pages_deflated_unasked
+        poison_before = self.device.config.poison_val
         write = self.device.write_config(ev.offset, ev.data)
+        if write.poison_val != poison_before:
+            log.info(
+                "guest page poison value",
+                poison_val=hex(write.poison_val),
+                reported_pages=("kept: never discarded while the guest poisons free pages"
+                                if write.poison_val else "discarded"),
+            )
         if write.actual_changed:
             actual = self.device.actual_bytes
             log.debug("guest balloon size", actual_pages=write.new_actual, num_pages=self.device.config.num_pages)
+            unasked = self.device.counters.pages_deflated_unasked - unasked_before
+            if unasked:
+                log.info(
+                    "guest deflated its balloon below the target on its own (deflate-on-OOM)",
+                    pages=unasked, actual=actual, num_pages=self.device.config.num_pages,
+                )
             self.service.publish("BALLOON_CHANGE", {"actual": actual})
             if write.new_actual == self.device.config.num_pages:
                 log.info(
@@ -568,6 +768,7 @@ class FrontendSession:
                 q.broken = None
                 q.num = q.addr = None
                 q.base = 0
+                q.held_head = None
                 q.vq = Virtqueue(q.index)
             # The balloon is device state too: after a reset no page is in it
             # (config.actual says 0 below). Left marked, a page the next driver
@@ -580,4 +781,5 @@ class FrontendSession:
                 self.huge.deflated(released_update.changed)
         self.device.acked_features = 0
         self.device.config.actual = 0
+        self.device.config.poison_val = 0  # the next driver writes its own during probe
         log.info("device reset", pages_released_from_balloon=released)

@@ -17,13 +17,20 @@ What it copies from Linux, and why a back-end cares:
 - The stats queue is primed with one buffer during probe, before DRIVER_OK
   (so its kick never reaches a vhost-user back-end); each time the device
   returns it the driver refills it with fresh numbers (``stats_request``).
-- With PAGE_POISON the driver writes ``poison_val`` into config during probe,
-  before DRIVER_OK (so before the front-end sends SET_FEATURES).
+- ``virtballoon_validate``: a guest that does not poison free pages (here:
+  ``poison_val=0``) drops PAGE_POISON; one that does keeps it, and drops
+  REPORTING when the device does not offer PAGE_POISON.  With PAGE_POISON
+  the driver writes ``poison_val`` into config during probe, before
+  DRIVER_OK (so before the front-end sends SET_FEATURES).
 - Free page reporting sends device-writable lists of at most 32 ranges
   (``PAGE_REPORTING_CAPACITY``) and waits for each.
+- DEFLATE_ON_OOM (``virtio_balloon_oom_notify``): under memory pressure the
+  guest leaks up to 256 pages through the deflate queue and writes
+  ``actual``, with no target change (``oom_deflate``).
 
-Not modelled: free page hinting (the queue is set up, nothing is sent), OOM
-deflation, balloon page migration.
+Not modelled: free page hinting (the queue is set up, nothing is sent),
+balloon page migration, the guest's own reporting trigger (tests say what
+is free: ``report_free_pages``, ``report_in_buffers``, ``send_report``).
 
 The driver talks to the device through a transport (``Frontend``): config
 access, kicks and call waits. Its own cost per buffer is a few array slices
@@ -98,6 +105,8 @@ VIRTIO_BALLOON_S_HTLB_PGALLOC = 8
 VIRTIO_BALLOON_S_HTLB_PGFAIL = 9
 _STAT = struct.Struct("<HQ")  # struct virtio_balloon_stat is packed: le16 tag, le64 val
 NUM_STATS = 10
+STATS_BUFFER_ENTRIES = 64  # room in the model's stats buffer (Linux: VIRTIO_BALLOON_S_NR)
+VIRTIO_BALLOON_OOM_NR_PAGES = 256  # virtio_balloon.c: pages leaked per OOM notification
 
 
 class PfnOrder(enum.Enum):
@@ -186,6 +195,7 @@ class BalloonDriver:
         self.accept_features = accept_features
         self.order = PfnOrder(order)
         self.poison_val = poison_val
+        self.extra_stats: dict[int, int] = {}  # tag -> value sent after the usual ten (e.g. newer tags)
         self.touch_on_inflate = touch_on_inflate
         self.buffer_timeout = buffer_timeout
         self.features = 0
@@ -209,6 +219,7 @@ class BalloonDriver:
         self.deflate_buffers = 0
         self.stats_buffers = 0
         self.report_buffers = 0
+        self.oom_deflates = 0
         self.out_of_puff = 0
         self.inflate_rtt_ns = array("q")  # per buffer: kick -> used seen (after the call)
         self.deflate_rtt_ns = array("q")
@@ -232,6 +243,12 @@ class BalloonDriver:
         if not offered & VIRTIO_F_VERSION_1:
             raise DriverError(f"device features {offered:#x} lack VERSION_1; the model guest is modern-only")
         self.features = offered & self.accept_features
+        # virtballoon_validate: keep PAGE_POISON only when free pages are
+        # poisoned; a poisoning guest cannot report without it.
+        if self.poison_val == 0:
+            self.features &= ~VIRTIO_BALLOON_F_PAGE_POISON
+        elif not self.features & VIRTIO_BALLOON_F_PAGE_POISON:
+            self.features &= ~VIRTIO_BALLOON_F_REPORTING
         self.roles = queue_roles(self.features)
         if len(self.roles) > self.transport.num_vqs:
             raise DriverError(
@@ -256,15 +273,15 @@ class BalloonDriver:
         self._queue_locks = {vq.index: trio.Lock() for vq in self.queues}
         self._pfn_buf_gpa = self.ram.alloc_reserved(4 * VIRTIO_BALLOON_ARRAY_PFNS_MAX, align=64)
         self._raw_buf_gpa = self.ram.alloc_reserved(RAW_BUFFER_BYTES, align=PAGE_SIZE)
-        self._stats_buf_gpa = self.ram.alloc_reserved(_STAT.size * NUM_STATS, align=64)
+        self._stats_buf_gpa = self.ram.alloc_reserved(_STAT.size * STATS_BUFFER_ENTRIES, align=64)
 
         self.transport.on_config_change = self.config_changed
         if self.stats_vq is not None:
             # init_vqs primes the stats queue and kicks it, before DRIVER_OK: QEMU's
             # vub_handle_output drops that kick, so the back-end must find the
             # buffer in the ring when the queue starts. No kick here either.
-            self._write_stats()
-            self._stats_head = self.stats_vq.add_buffer([(self._stats_buf_gpa, _STAT.size * NUM_STATS)])
+            size = self._write_stats()
+            self._stats_head = self.stats_vq.add_buffer([(self._stats_buf_gpa, size)])
             self.stats_vq.kick_needed()  # the kick decision happened (and was lost)
         if self.features & VIRTIO_BALLOON_F_PAGE_POISON:
             # Before DRIVER_OK, so the back-end sees this SET_CONFIG before SET_FEATURES.
@@ -432,6 +449,64 @@ class BalloonDriver:
             self.report_buffers += 1
         return written
 
+    async def report_in_buffers(self, ranges: Sequence[tuple[int, int]]) -> int:
+        """Report any number of ``(first_pfn, num_pages)`` ranges, 32 per
+        buffer, one buffer at a time as page_reporting_process does.
+        Returns the number of buffers sent."""
+        buffers = 0
+        for at in range(0, len(ranges), PAGE_REPORTING_CAPACITY):
+            await self.report_free_pages(ranges[at : at + PAGE_REPORTING_CAPACITY])
+            buffers += 1
+        return buffers
+
+    def free_blocks(self, pages_per_block: int = 512) -> list[tuple[int, int]]:
+        """Naturally aligned blocks of ``pages_per_block`` guest pages (2 MiB
+        by default: x86's pageblock) with no page in the balloon: what a
+        guest could report if it freed them.  ``(first_pfn, num_pages)``."""
+        blocks = []
+        bitmap = self.balloon_bitmap
+        first = -(-self.ram.reserved_pages // pages_per_block) * pages_per_block
+        for start in range(first, self.ram.num_pages - pages_per_block + 1, pages_per_block):
+            if not any(bitmap[start : start + pages_per_block]):
+                blocks.append((start, pages_per_block))
+        return blocks
+
+    async def send_report(self, segments: Sequence[tuple[int, int]], *, wait: bool = True) -> int | None:
+        """Send ``(gpa, length)`` byte ranges as one reporting buffer exactly
+        as given (out of guest memory, misaligned, zero length, overlapping,
+        ballooned...): the hostile-guest hook.  Returns the used length if waited."""
+        vq = self.reporting_vq
+        if vq is None:
+            raise DriverError("free page reporting was not negotiated")
+        async with self._queue_locks[vq.index]:
+            head = vq.add_buffer((), list(segments))
+            self._kick(vq)
+            if not wait:
+                return None
+            _, written = await self._wait_used(vq, head, f"raw report of {len(segments)} entries")
+            self.report_buffers += 1
+            return written
+
+    # -- deflate on OOM ----------------------------------------------------------
+
+    async def oom_deflate(self, num: int = VIRTIO_BALLOON_OOM_NR_PAGES) -> int:
+        """virtio_balloon_oom_notify: the guest is out of memory, so it takes
+        up to ``num`` pages back from the balloon (deflate queue, as always
+        before using them) and writes the new ``actual``, with no target
+        change.  Needs DEFLATE_ON_OOM.  Returns pages deflated."""
+        if not self.features & VIRTIO_BALLOON_F_DEFLATE_ON_OOM:
+            raise DriverError("DEFLATE_ON_OOM was not negotiated: Linux registers no OOM notifier")
+        freed = 0
+        while freed < num:
+            moved = await self.leak_balloon(num - freed)
+            if moved == 0:
+                break
+            freed += moved
+        await self.update_balloon_size()
+        self.oom_deflates += 1
+        self._signal_progress()
+        return freed
+
     # -- hooks for bad-input tests --------------------------------------------
 
     def queue(self, role: QueueRole | str) -> DriverVirtqueue:
@@ -513,14 +588,15 @@ class BalloonDriver:
         while True:
             returned = vq.get_used()
             if returned:
-                self._write_stats()
-                self._stats_head = vq.add_buffer([(self._stats_buf_gpa, _STAT.size * NUM_STATS)])
+                size = self._write_stats()
+                self._stats_head = vq.add_buffer([(self._stats_buf_gpa, size)])
                 self.stats_buffers += 1
                 self._kick(vq)
                 continue
             await self.transport.wait_call(vq.index)
 
-    def _write_stats(self) -> None:
+    def _write_stats(self) -> int:
+        """Fill the stats buffer with fresh numbers; returns its size in bytes."""
         free = (len(self._free_stack)) * PAGE_SIZE
         total = self.ram.size - self.actual_pages * PAGE_SIZE
         values = (
@@ -535,8 +611,12 @@ class BalloonDriver:
             (VIRTIO_BALLOON_S_HTLB_PGALLOC, 0),
             (VIRTIO_BALLOON_S_HTLB_PGFAIL, 0),
         )
+        values += tuple(self.extra_stats.items())
+        if len(values) > STATS_BUFFER_ENTRIES:
+            raise DriverError(f"{len(values)} stats do not fit the {STATS_BUFFER_ENTRIES}-entry stats buffer")
         for i, (tag, val) in enumerate(values):
             _STAT.pack_into(self.ram.mem, self._stats_buf_gpa + i * _STAT.size, tag, val)
+        return _STAT.size * len(values)
 
     def _signal_progress(self) -> None:
         self._progress.set()

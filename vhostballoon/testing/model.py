@@ -65,8 +65,9 @@ async def model_guest(
     ``huge_pages=True`` madvises guest RAM for transparent huge pages, as
     QEMU does (effective when shmem THP is ``advise`` or ``always``).
 
-    Extra keyword arguments go to ``BalloonDriver`` (``poison_val``,
-    ``touch_on_inflate``, ``buffer_timeout``).
+    Extra keyword arguments go to ``BalloonDriver`` (``poison_val``: non-zero
+    makes a guest that poisons free pages, ``touch_on_inflate``,
+    ``buffer_timeout``).
     """
     ram = GuestRAM(ram_size, reserved=reserved, huge_pages=huge_pages)
     frontend: Frontend | None = None

@@ -5,7 +5,11 @@ The guest is the one ``../shared/e2e/build-guest.sh`` builds: its /init prints
 and ``@@VB END <rc>`` (mem, feat, vmstat, fill N, unfill, sleep, sh, off).
 
 Guest RAM is a shared memfd, so the host memory behind the guest is the
-memfd's allocated blocks, read through ``/proc/<qemu pid>/fd``.
+memfd's allocated blocks, read through ``/proc/<qemu pid>/fd``.  By default
+QEMU creates it (``memory-backend-memfd``); ``QemuGuest.start(ram_fd=...)``
+uses a file the caller opened instead (``memory-backend-file`` on
+``/proc/self/fd/N``, 2 MiB aligned), which is how guest RAM gets transparent
+huge pages: QEMU maps ``memory-backend-memfd`` only 4 KiB-aligned.
 """
 
 from __future__ import annotations
@@ -126,10 +130,11 @@ class QmpSession:
 class QemuGuest:
     """One QEMU process with a guest on its serial console (stdio)."""
 
-    def __init__(self, process: trio.Process, workdir: Path, memory_bytes: int) -> None:
+    def __init__(self, process: trio.Process, workdir: Path, memory_bytes: int, ram_fd: int | None = None) -> None:
         self.process = process
         self.workdir = workdir
         self.memory_bytes = memory_bytes
+        self.ram_fd = ram_fd  # the caller's guest-RAM file (start(ram_fd=...)), else None
         self.console: list[str] = []  # every line the guest printed
         self._buffer = b""
         self._lock = trio.Lock()
@@ -146,18 +151,35 @@ class QemuGuest:
         append: str = "",
         paused: bool = False,
         wait_ready: bool = True,
+        ram_fd: int | None = None,
+        ram_align: str = "2M",
     ) -> "QemuGuest":
         """Start QEMU; by default wait until the guest is ready for commands.
 
         ``paused`` passes ``-S`` (the vCPUs wait for QMP ``cont``; give
         ``wait_ready=False`` too, then :meth:`wait_ready` after ``cont``).
         ``wait_ready=False`` returns as soon as the process is started.
+
+        ``ram_fd``: guest RAM is this already open file (e.g. a memfd the
+        caller created and sized to ``memory_mib``), inherited by QEMU and
+        opened there as ``memory-backend-file,mem-path=/proc/self/fd/N,
+        share=on,align=<ram_align>``.  With the default 2 MiB alignment QEMU's
+        mapping can hold PMD-size transparent huge pages (QEMU madvises guest
+        RAM MADV_HUGEPAGE).  The caller keeps the fd open and closes it after
+        :meth:`kill`; :meth:`host_allocated` then measures that file.
         """
         workdir = Path(workdir)
+        if ram_fd is None:
+            ram_backend = f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on"
+        else:
+            ram_backend = (
+                f"memory-backend-file,id=mem,mem-path=/proc/self/fd/{ram_fd},share=on,"
+                f"align={ram_align},size={memory_mib}M"
+            )
         args = [
             str(QEMU_BIN), "-accel", "tcg", "-cpu", "max", "-smp", "2",
             "-m", f"{memory_mib}M",
-            "-object", f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on",
+            "-object", ram_backend,
             "-machine", "q35,memory-backend=mem",
             "-nodefaults", "-nographic", "-serial", "stdio",
             "-kernel", str(GUEST_KERNEL), "-initrd", str(GUEST_INITRD),
@@ -170,9 +192,10 @@ class QemuGuest:
         args += list(device_args) + list(extra_args)
         (workdir / "qemu.cmdline").write_text(" ".join(args) + "\n")
         process = await trio.lowlevel.open_process(
-            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            pass_fds=() if ram_fd is None else (ram_fd,),
         )
-        guest = cls(process, workdir, memory_mib << 20)
+        guest = cls(process, workdir, memory_mib << 20, ram_fd=ram_fd)
         if wait_ready:
             try:
                 await guest.wait_ready()
@@ -264,19 +287,31 @@ class QemuGuest:
     # -- host side -----------------------------------------------------------------
 
     def memfd_path(self) -> str:
-        """/proc path of QEMU's guest-RAM memfd (memory-backend-memfd id=mem)."""
+        """/proc path of QEMU's guest-RAM file: its memory-backend-memfd id=mem,
+        or, with ``ram_fd``, an fd of QEMU's on the caller's file."""
         fd_dir = f"/proc/{self.process.pid}/fd"
+        want = None
+        if self.ram_fd is not None:
+            st = os.fstat(self.ram_fd)
+            want = (st.st_dev, st.st_ino)
         for name in os.listdir(fd_dir):
+            path = f"{fd_dir}/{name}"
             try:
-                target = os.readlink(f"{fd_dir}/{name}")
+                if want is None:
+                    if os.readlink(path).startswith("/memfd:mem"):
+                        return path
+                else:
+                    st = os.stat(path)
+                    if (st.st_dev, st.st_ino) == want:
+                        return path
             except OSError:
                 continue
-            if target.startswith("/memfd:mem"):
-                return f"{fd_dir}/{name}"
         raise GuestError(f"QEMU pid {self.process.pid} has no guest-RAM memfd open")
 
     def host_allocated(self) -> int:
         """Bytes of host memory really behind guest RAM (the memfd's blocks)."""
+        if self.ram_fd is not None:  # the same file QEMU maps: no /proc walk needed
+            return os.fstat(self.ram_fd).st_blocks * 512
         return os.stat(self.memfd_path()).st_blocks * 512
 
     async def qmp(self, command: str, **arguments) -> dict:
