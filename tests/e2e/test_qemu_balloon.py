@@ -143,3 +143,30 @@ async def test_frontend_killed_mid_inflate_backend_stays_up_and_serves_next(tmp_
         assert balloon_pages(await guest.vmstat()) == 768 * MiB // 4096
     await backend.wait_for(lambda i: not i["connected"], 20, "second QEMU gone")
     await backend.assert_fd_count(fds_before)
+
+
+async def test_guest_reboot_starts_a_fresh_balloon_and_frees_its_pages(tmp_path, backend_factory):
+    """QEMU never sends RESET_DEVICE on a guest reboot: the rings stop and the
+    new driver's start at 0. Pages the new driver inflates must be freed even
+    when they were in the old balloon (reporting off, to measure the balloon)."""
+    backend = backend_factory("vb", "--features=-reporting")
+    async with qemu(tmp_path, backend) as guest:
+        await backend.execute("balloon", value=768 * MiB)
+        await backend.wait_for(lambda i: i["actual"] == 768 * MiB, 90, "guest at 768 MiB")
+        host_before = guest.host_allocated()
+
+        await guest.process.stdin.send_all(b"sh reboot -f\n")
+        await guest.wait_for(r"^@@VB READY", 90)
+        # The rebooted guest's driver balloons to the kept target by itself.
+        info = await backend.wait_for(
+            lambda i: i["actual"] == 768 * MiB and i["ballooned-bytes"] == 256 * MiB, 90, "rebooted guest at 768 MiB"
+        )
+        assert "guest driver restarted" in backend.log()
+        assert balloon_pages(await guest.vmstat()) == 256 * MiB // 4096
+        # The reboot touched guest memory; the new balloon's pages are freed
+        # again, so the host holds about what it held before the reboot.
+        host_after = guest.host_allocated()
+        assert host_after <= host_before + 64 * MiB, (
+            f"host holds {host_after >> 20} MiB after the reboot vs {host_before >> 20} MiB before: "
+            f"{info['repeated-pfns']} PFNs were treated as already ballooned"
+        )
