@@ -12,8 +12,10 @@ def configure_logging(fmt: str = "console", level: str = "info", stream=None) ->
     """Configure structlog once for the process. ``fmt`` is "console" or "json"."""
     stream = stream or sys.stderr
     renderer: structlog.typing.Processor
+    extra: list = []
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
+        extra = [structlog.processors.dict_tracebacks]  # keep log.exception()'s traceback
     elif fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     else:
@@ -23,6 +25,7 @@ def configure_logging(fmt: str = "console", level: str = "info", stream=None) ->
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *extra,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),

@@ -30,6 +30,7 @@ run (in a worker thread).
 from __future__ import annotations
 
 import enum
+import math
 import os
 import re
 import time
@@ -229,7 +230,7 @@ class FlushPolicy:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", HugePolicy(self.mode))
-        if self.flush_bytes < 0 or self.flush_after < 0:
+        if self.flush_bytes < 0 or not (0 <= self.flush_after < math.inf):
             raise ValueError(f"flush_bytes {self.flush_bytes} and flush_after {self.flush_after} must be >= 0")
 
     def should_flush(self, state: PendingState, *, guest_at_target: bool = False) -> bool:

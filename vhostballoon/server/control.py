@@ -22,6 +22,7 @@ dropped once EVENT_BACKLOG events wait for it.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import structlog
@@ -56,7 +57,9 @@ def _command_set_huge_policy(service: BalloonService, args: dict[str, Any]) -> d
     flush_after = args.get("flush-after")
     if flush_bytes is not None and (not isinstance(flush_bytes, int) or isinstance(flush_bytes, bool)):
         raise CommandError(f"'flush-bytes' must be a whole number of bytes, got {flush_bytes!r}")
-    if flush_after is not None and (not isinstance(flush_after, (int, float)) or isinstance(flush_after, bool)):
+    if flush_after is not None and (
+        not isinstance(flush_after, (int, float)) or isinstance(flush_after, bool) or not math.isfinite(flush_after)
+    ):
         raise CommandError(f"'flush-after' must be a number of seconds, got {flush_after!r}")
     policy = service.set_huge_policy(args["policy"], flush_bytes, flush_after)
     return {"huge-page-policy": policy.mode.value, "flush-bytes": policy.flush_bytes, "flush-after": policy.flush_after}
@@ -94,8 +97,10 @@ def execute_line(service: BalloonService, line: bytes) -> dict:
     try:
         try:
             request = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CommandError(f"not a JSON object: {exc}") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            # ValueError covers JSONDecodeError and integers over Python's digit
+            # limit; RecursionError, JSON nested deeper than the parser goes.
+            raise CommandError(f"not a JSON object: {type(exc).__name__}: {str(exc)[:200]}") from None
         if not isinstance(request, dict):
             raise CommandError(f"expected a JSON object, got {type(request).__name__}")
         request_id = request.get("id")
