@@ -80,7 +80,7 @@ from typing import Any
 import trio
 
 from vhostballoon._native import ffi  # only to fill a RangeList of 262144 ranges at C speed
-from vhostballoon.device.hugepages import THP_SYSFS, pmd_size
+from vhostballoon.device.hugepages import THP_SYSFS, pmd_size, sysfs_choice
 from vhostballoon.native import PAGE_SHIFT, PAGE_SIZE, GuestMemory, RangeList
 from vhostballoon.sizes import parse_size
 from vhostballoon.testing import GuestRAM, model_guest
@@ -219,15 +219,6 @@ async def control(path: str, command: str, **arguments: Any) -> dict:
 # ---- shmem THP ------------------------------------------------------------------
 
 
-def bracketed(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            m = re.search(r"\[([\w-]+)\]", f.read())
-    except OSError:
-        return None
-    return m.group(1) if m else None
-
-
 class ShmemThp:
     """shmem_enabled=advise (+ per-size inherit) for THP on, never for off;
     apply() only for a short window, restore() in finally (idempotent)."""
@@ -243,7 +234,7 @@ class ShmemThp:
 
     def apply(self) -> None:
         for path, value in self.wanted:
-            old = bracketed(path)
+            old = sysfs_choice(path)
             if old is None:
                 if self.on:
                     raise RuntimeError(f"THP not available: cannot read {path}")
@@ -256,7 +247,7 @@ class ShmemThp:
     def restore(self) -> None:
         while self.saved:
             path, old = self.saved.pop()
-            if bracketed(path) != old:
+            if sysfs_choice(path) != old:
                 with open(path, "w") as f:
                     f.write(old)
 
@@ -624,8 +615,8 @@ def machine_info() -> dict:
         "mem_total_bytes": mem_total,
         "python": platform.python_version(),
         "loadavg_at_start": os.getloadavg(),
-        "shmem_enabled_at_start": bracketed(os.path.join(THP_SYSFS, "shmem_enabled")),
-        "shmem_enabled_pmd_at_start": bracketed(os.path.join(THP_SYSFS, f"hugepages-{pmd_size() >> 10}kB",
+        "shmem_enabled_at_start": sysfs_choice(os.path.join(THP_SYSFS, "shmem_enabled")),
+        "shmem_enabled_pmd_at_start": sysfs_choice(os.path.join(THP_SYSFS, f"hugepages-{pmd_size() >> 10}kB",
                                                              "shmem_enabled")),
     }
 
@@ -820,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {verdict:8} {text}: {shown}")
         goals.append({"goal": text, "scenario": name, "met": met, "value": shown})
     report["goals"] = goals
-    report["machine"]["shmem_enabled_at_end"] = bracketed(os.path.join(THP_SYSFS, "shmem_enabled"))
+    report["machine"]["shmem_enabled_at_end"] = sysfs_choice(os.path.join(THP_SYSFS, "shmem_enabled"))
     if args.profile:
         print("\nProfiles (py-spy, back-end, samples while busy):")
         for name, entry in report["scenarios"].items():

@@ -6,7 +6,6 @@ whichever conftest.py pytest imported first (tests/e2e has its own)."""
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 
 import trio
@@ -55,31 +54,6 @@ async def wait_session(service: BalloonService, served: int, *, timeout: float =
     )
 
 
-# ---- the kernel's own figures -----------------------------------------------------
-
-
-def meminfo(key: str) -> int:
-    """A /proc/meminfo figure: bytes for kB lines, a count for HugePages_*."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            name, value = line.split(":", 1)
-            if name == key:
-                parts = value.split()
-                return int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
-    raise KeyError(key)
-
-
-def vmstat(key: str) -> int:
-    with open("/proc/vmstat") as f:
-        for line in f:
-            name, value = line.split()
-            if name == key:
-                return int(value)
-    raise KeyError(key)
-
-
-def bracketed(path: str) -> str:
-    with open(path) as f:
-        return re.search(r"\[([\w-]+)\]", f.read()).group(1)
-
-
+# The kernel's own figures: one definition, in vhostballoon.testing.host.
+from vhostballoon.testing.host import meminfo, vmstat  # noqa: E402,F401
+from vhostballoon.testing.host import sysfs_choice as bracketed  # noqa: E402,F401

@@ -8,7 +8,6 @@ are real eventfds, and discards are real ``fallocate`` calls.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -18,8 +17,7 @@ import pytest
 import structlog
 import trio
 
-from backend_support import bracketed
-from vhostballoon.device.hugepages import THP_SYSFS, pmd_size
+from vhostballoon.testing.host import THP_SYSFS, shmem_thp
 from vhostballoon.server.daemon import Backend, run_backend
 from vhostballoon.server.service import BalloonService
 
@@ -52,29 +50,6 @@ async def backend(nursery: trio.Nursery, socket_path: str, logs: list[dict]) -> 
     """A back-end serving ``socket_path`` (control socket ``socket_path + '.ctl'``)
     in the test's nursery; cancelled when the test ends. Its log goes to ``logs``."""
     return await nursery.start(partial(run_backend, socket_path, service=BalloonService()))
-
-
-@contextmanager
-def shmem_thp(value: str):
-    """Set shmem THP (the top-level knob, and the PMD size's own knob on
-    "inherit") to ``value``; what was there before comes back afterwards.
-    Raises PermissionError where sysfs is not writable."""
-    top = os.path.join(THP_SYSFS, "shmem_enabled")
-    per_size = os.path.join(THP_SYSFS, f"hugepages-{pmd_size() >> 10}kB", "shmem_enabled")
-    wanted = [(top, value)] + ([(per_size, "inherit")] if os.path.exists(per_size) else [])
-    saved = []
-    try:
-        for path, setting in wanted:
-            old = bracketed(path)
-            saved.append((path, old))
-            if old != setting:
-                with open(path, "w") as f:
-                    f.write(setting)
-        yield
-    finally:
-        for path, old in reversed(saved):
-            with open(path, "w") as f:
-                f.write(old)
 
 
 @pytest.fixture

@@ -93,7 +93,7 @@ class Backing:
         return PAGE_SIZE
 
 
-def _bracketed(path: str) -> str | None:
+def sysfs_choice(path: str) -> str | None:
     """The selected value of a sysfs choice file ("always [madvise] never")."""
     try:
         with open(path, encoding="ascii") as f:
@@ -147,7 +147,7 @@ def shmem_thp(fd: int, thp_root: str = THP_SYSFS, proc_root: str = "/proc/self")
     and then the per-size ``hugepages-<PMD>kB/shmem_enabled`` decides unless
     it says inherit.
     """
-    top = _bracketed(os.path.join(thp_root, "shmem_enabled"))
+    top = sysfs_choice(os.path.join(thp_root, "shmem_enabled"))
     if top is None:
         return "no", "no shmem THP support (no shmem_enabled in sysfs)"
     if top == "deny":
@@ -161,7 +161,7 @@ def shmem_thp(fd: int, thp_root: str = THP_SYSFS, proc_root: str = "/proc/self")
     if top == "never":
         return "no", "shmem_enabled=never"
     size_kb = pmd_size(thp_root) >> 10
-    per_size = _bracketed(os.path.join(thp_root, f"hugepages-{size_kb}kB", "shmem_enabled"))
+    per_size = sysfs_choice(os.path.join(thp_root, f"hugepages-{size_kb}kB", "shmem_enabled"))
     effective = top if per_size in (None, "inherit") else per_size
     why = f"shmem_enabled={top}"
     if per_size is not None:
@@ -366,4 +366,5 @@ __all__ = [
     "mapped_huge_bytes",
     "pmd_size",
     "shmem_thp",
+    "sysfs_choice",
 ]
