@@ -137,7 +137,7 @@ def test_set_huge_policy_rejects_bad_arguments(tmp_path):
         assert fragment in reply["error"]["desc"], reply
     assert service.flush_policy.mode.value == "auto"
     ok = execute_line(service, b'{"execute": "set-huge-policy", "arguments": {"policy": "whole", "flush-after": 2}}')
-    assert ok["return"] == {"huge-page-policy": "whole", "flush-bytes": 64 << 20, "flush-after": 2}
+    assert ok["return"] == {"huge-page-policy": "whole", "flush-bytes": 1 << 30, "flush-after": 2}
     assert execute_line(service, b'{"execute": "query-balloon"}')["return"]["huge-page-policy"] == "whole"
 
 

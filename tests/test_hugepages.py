@@ -480,7 +480,7 @@ def test_flush_policy_decisions():
     assert eager.flush_delay(young_small) == 0.0 and eager.flush_delay(nothing) is None
 
     auto = FlushPolicy()
-    assert (auto.mode, auto.flush_bytes, auto.flush_after) == (HugePolicy.AUTO, 64 * MiB, 5.0)
+    assert (auto.mode, auto.flush_bytes, auto.flush_after) == (HugePolicy.AUTO, 1024 * MiB, 5.0)
     assert not auto.should_flush(young_small)
     assert auto.should_flush(young_small, guest_at_target=True)
     assert auto.should_flush(old_small) and auto.should_flush(young_big)

@@ -101,7 +101,7 @@ def _daemon_parser() -> argparse.ArgumentParser:
         help=f"ask the guest for fresh memory statistics this often; 0: never (default {DEFAULT_STATS_INTERVAL:g}). "
         "Settable at run time: vhostballoon-ctl stats-interval",
     )
-    p.add_argument("--flush-bytes", default="64M", metavar="SIZE", help="auto: pending partial bytes that trigger a flush (default 64M)")
+    p.add_argument("--flush-bytes", default="1G", metavar="SIZE", help="auto: pending partial bytes that trigger a flush (default 1G)")
     p.add_argument("--flush-after", type=float, default=5.0, metavar="SECONDS", help="auto: longest wait of a pending page (default 5)")
     p.add_argument("--log-format", choices=["console", "json"], default="console", help="log line format (default: console)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info", help="default: info")

@@ -6,7 +6,7 @@
     <- {"return": {"actual": 1073741824, ...}, "id": 7}
     <- {"event": "BALLOON_CHANGE", "data": {"actual": 1065353216}, "timestamp": {...}}
     -> {"execute": "set-huge-policy", "arguments": {"policy": "whole"}}
-    <- {"return": {"huge-page-policy": "whole", "flush-bytes": 67108864, "flush-after": 5.0}}
+    <- {"return": {"huge-page-policy": "whole", "flush-bytes": 1073741824, "flush-after": 5.0}}
     -> {"execute": "query-stats"}
     <- {"return": {"stats": {"stat-free-memory": 812609536, ...}, "last-update": 1767225600,
                    "age-seconds": 1.2, "stats-interval": 5.0, "updates": 12, ...}}
