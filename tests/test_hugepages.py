@@ -469,7 +469,7 @@ def test_flush_policy_decisions():
     nothing = PendingState(0, None, held_bytes=50 * MiB)
     young_small = PendingState(MiB, 0.5)
     old_small = PendingState(MiB, 6.0)
-    young_big = PendingState(64 * MiB, 0.1)
+    young_big = PendingState(1024 * MiB, 0.1)  # the default bound
 
     whole = FlushPolicy("whole")
     assert not any(whole.should_flush(s, guest_at_target=True) for s in (nothing, young_small, old_small, young_big))
