@@ -14,7 +14,8 @@ tracker), ``HugePageTracker.flush_due``/``collect`` (the policy) and
 every variant gets a fresh memfd whose mapping is madvised MADV_HUGEPAGE (as
 QEMU does with guest RAM) and fully written, with shmem THP on
 (``shmem_enabled=advise``, the PMD size's own knob ``inherit``, by
-``vhostballoon.testing.host.shmem_thp`` around each variant: restored after), and then balloons ALL of it, 256 PFNs per buffer:
+``vhostballoon.testing.host.shmem_thp`` around each variant: restored
+after), and then balloons ALL of it, 256 PFNs per buffer:
 
 - ``per-page``: one ``fallocate(PUNCH_HOLE)`` per 4 KiB page in the guest's
   order (QEMU's way when it cannot merge), done with the existing
@@ -22,11 +23,14 @@ QEMU does with guest RAM) and fully written, with shmem THP on
   the clock starts); no helper was added.  The bitmap update runs too, so
   "track" is comparable.
 - ``eager``: ``--huge-policy eager``.
-- ``auto``: ``--huge-policy auto`` with the daemon's defaults (flush at
-  64 MiB pending or after 5 s); the last buffer is the guest reaching its
-  target (flush then).
+- ``auto``: ``--huge-policy auto`` with the daemon's defaults
+  (``DEFAULT_FLUSH_BYTES`` pending or ``DEFAULT_FLUSH_AFTER`` s, printed in
+  the header); the last buffer is the guest reaching its target (flush
+  then).  With the earlier 64 MiB bound, random order over 1 GiB flushed 15
+  times mid-balloon and split all 512 huge pages (1x per-page).
 - ``auto@target``: auto with the bounds off (flush only at the target) --
-  what auto would do if the pending bound never triggered.
+  what auto does when neither bound triggers (differs from ``auto`` only
+  when ``--size`` exceeds the bytes bound).
 - ``whole``: ``--huge-policy whole``.
 
 Orders (``vhostballoon.testing.balloon_driver.allocation_order``):
@@ -37,8 +41,8 @@ what the real guest looks like, see tests/e2e/test_qemu_hugepages.py).
 Per variant, wall times summed over the buffers: the ballooned bitmap
 (``bitmap s``, ``balloon_update``: every variant pays it), the huge page
 tracker and policy (``track s``: ``inflated``, ``flush_due``, ``collect``)
-and the discard calls (``discard s``); host memory freed (memfd ``st_blocks``); THP
-splits (/proc/vmstat ``thp_split_page`` delta, machine-wide: quiet machine
+and the discard calls (``discard s``); host memory freed (memfd
+``st_blocks``); THP splits (/proc/vmstat ``thp_split_page`` delta, machine-wide: quiet machine
 assumed, and the C core's own count); discard syscalls; huge pages freed
 whole; ``ShmemPmdMapped`` of the mapping before (proof of THP backing: a
 variant whose memfd did not get all THPs, e.g. because another process
@@ -60,7 +64,15 @@ import sys
 import time
 from array import array
 
-from vhostballoon.device.hugepages import THP_SYSFS, FlushPolicy, HugePageTracker, HugePolicy, pmd_size
+from vhostballoon.device.hugepages import (
+    DEFAULT_FLUSH_AFTER,
+    DEFAULT_FLUSH_BYTES,
+    THP_SYSFS,
+    FlushPolicy,
+    HugePageTracker,
+    HugePolicy,
+    pmd_size,
+)
 from vhostballoon.testing.host import shmem_thp, vmstat
 from vhostballoon.sizes import parse_size
 from vhostballoon.native import PAGE_SHIFT, PAGE_SIZE, DiscardStats, GuestMemory, PfnArray, RangeList
@@ -270,7 +282,8 @@ def main() -> int:
                 r["ratio_discard"] = ratio(base["discard_s"], r["discard_s"])
                 r["ratio_total"] = ratio(base["total_s"], r["total_s"])
     print(f"\nballoon ALL of {args.size / MiB:.0f} MiB of THP-backed memfd, {BATCH} PFNs per buffer "
-          f"(kernel {platform.release()}, {os.cpu_count()} CPUs); splits k/ours = /proc/vmstat "
+          f"(kernel {platform.release()}, {os.cpu_count()} CPUs; auto: flush at {DEFAULT_FLUSH_BYTES / MiB:.0f} MiB "
+          f"pending or {DEFAULT_FLUSH_AFTER:g} s); splits k/ours = /proc/vmstat "
           f"thp_split_page delta / the C core's count\n")
     print(table(rows))
     odd = [f"{r['order']}/{r['variant']}" for r in rows
