@@ -76,6 +76,21 @@ class BackendProcess:
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.process.pid}/fd"))
 
+    async def settled_fd_count(self, settle: float = 0.3, timeout: float = 5.0) -> int:
+        """The fd count once it has stayed the same for ``settle`` seconds
+        (the server end of a just-closed control connection, e.g. start()'s
+        readiness probe, goes away a moment after the client's)."""
+        with trio.move_on_after(timeout):
+            count, since = self.fd_count(), trio.current_time()
+            while True:
+                await trio.sleep(0.02)
+                now = self.fd_count()
+                if now != count:
+                    count, since = now, trio.current_time()
+                elif trio.current_time() - since >= settle:
+                    return count
+        return self.fd_count()
+
     def fd_table(self) -> list[str]:
         fd_dir = f"/proc/{self.process.pid}/fd"
         out = []

@@ -125,7 +125,7 @@ async def test_target_survives_backend_restart_with_a_fresh_qemu(tmp_path, backe
 
 
 async def test_frontend_killed_mid_inflate_backend_stays_up_and_serves_next(tmp_path, backend):
-    fds_before = backend.fd_count()
+    fds_before = await backend.settled_fd_count()
     async with qemu(tmp_path, backend, "first") as guest:
         await backend.execute("balloon", value=256 * MiB)
         # Kill QEMU once the inflate is under way but far from done.
