@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import signal
-from contextlib import asynccontextmanager
 
 import trio
 
 from vhostballoon.device.features import DEFAULT_FEATURES, feature_names
-from vhostballoon.testing.qemu import QemuGuest, balloon_vhost_user_args
+from vhostballoon.testing.qemu import balloon_guest
 
 MiB = 1 << 20
 GiB = 1 << 30
 PAGE_KB = 4
-
-
-@asynccontextmanager
-async def qemu(workdir, backend, name="guest", **kwargs):
-    d = workdir / name
-    d.mkdir()
-    guest = await QemuGuest.start(d, balloon_vhost_user_args(backend.socket_path), **kwargs)
-    try:
-        yield guest
-    finally:
-        await guest.kill()
 
 
 def sysfs_bits(features: str) -> int:
@@ -36,7 +24,7 @@ def balloon_pages(vmstat: dict[str, int]) -> int:
 
 
 async def test_probe_driver_binds_with_exactly_the_offered_features(tmp_path, backend):
-    async with qemu(tmp_path, backend) as guest:
+    async with balloon_guest(tmp_path, backend.socket_path) as guest:
         balloons = [d for d in await guest.devices() if d["device"] == "0x0005"]
         assert len(balloons) == 1, balloons
         dev = balloons[0]
@@ -65,7 +53,7 @@ async def test_balloon_to_512m_frees_host_memory_and_gives_it_back(tmp_path, bac
     # Free page reporting off: it would give the unfilled 800 MiB back by
     # itself (test_qemu_reporting.py), and this test measures the balloon.
     backend = backend_factory("vb", "--features=-reporting")
-    async with qemu(tmp_path, backend) as guest:
+    async with balloon_guest(tmp_path, backend.socket_path) as guest:
         assert (await guest.run("fill 800", timeout=120)).rc == 0
         await guest.run("unfill")
         mem0, vm0 = await guest.meminfo(), await guest.vmstat()
@@ -106,7 +94,7 @@ async def test_target_survives_backend_restart_with_a_fresh_qemu(tmp_path, backe
     back-end (see test_qemu_reconnect.py), so the supported recovery is
     a fresh QEMU; the operator's target must still hold."""
     backend = backend_factory()
-    async with qemu(tmp_path, backend, "first") as guest:
+    async with balloon_guest(tmp_path, backend.socket_path, "first") as guest:
         await backend.execute("balloon", value=768 * MiB)
         await backend.wait_for(lambda i: i["actual"] == 768 * MiB, 90, "first guest at 768 MiB")
         assert backend.kill(signal.SIGKILL) == -signal.SIGKILL
@@ -118,7 +106,7 @@ async def test_target_survives_backend_restart_with_a_fresh_qemu(tmp_path, backe
     info = await restarted.query()
     assert info["target"] == 768 * MiB and not info["connected"]
     assert "target restored" in restarted.log()
-    async with qemu(tmp_path, restarted, "second") as guest:
+    async with balloon_guest(tmp_path, restarted.socket_path, "second") as guest:
         # The new guest balloons to the kept target by itself, no new command.
         await restarted.wait_for(lambda i: i["actual"] == 768 * MiB, 90, "second guest at the kept 768 MiB")
         assert balloon_pages(await guest.vmstat()) == 256 * MiB // 4096
@@ -126,7 +114,7 @@ async def test_target_survives_backend_restart_with_a_fresh_qemu(tmp_path, backe
 
 async def test_frontend_killed_mid_inflate_backend_stays_up_and_serves_next(tmp_path, backend):
     fds_before = await backend.settled_fd_count()
-    async with qemu(tmp_path, backend, "first") as guest:
+    async with balloon_guest(tmp_path, backend.socket_path, "first") as guest:
         await backend.execute("balloon", value=256 * MiB)
         # Kill QEMU once the inflate is under way but far from done.
         await backend.wait_for(lambda i: (i.get("actual-pages") or 0) > 2048, 60, "inflate under way")
@@ -138,7 +126,7 @@ async def test_frontend_killed_mid_inflate_backend_stays_up_and_serves_next(tmp_
     assert backend.alive
     await backend.assert_fd_count(fds_before)
 
-    async with qemu(tmp_path, backend, "second") as guest:
+    async with balloon_guest(tmp_path, backend.socket_path, "second") as guest:
         await backend.wait_for(lambda i: i["actual"] == 256 * MiB, 120, "next guest at the target")
         assert balloon_pages(await guest.vmstat()) == 768 * MiB // 4096
     await backend.wait_for(lambda i: not i["connected"], 20, "second QEMU gone")
@@ -150,7 +138,7 @@ async def test_guest_reboot_starts_a_fresh_balloon_and_frees_its_pages(tmp_path,
     new driver's start at 0. Pages the new driver inflates must be freed even
     when they were in the old balloon (reporting off, to measure the balloon)."""
     backend = backend_factory("vb", "--features=-reporting")
-    async with qemu(tmp_path, backend) as guest:
+    async with balloon_guest(tmp_path, backend.socket_path) as guest:
         await backend.execute("balloon", value=768 * MiB)
         await backend.wait_for(lambda i: i["actual"] == 768 * MiB, 90, "guest at 768 MiB")
         host_before = guest.host_allocated()

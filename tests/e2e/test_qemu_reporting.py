@@ -9,26 +9,14 @@ measured (pytest -s shows it).
 from __future__ import annotations
 
 import time
-from contextlib import asynccontextmanager
 
 import trio
 
-from vhostballoon.testing.qemu import QemuGuest, balloon_vhost_user_args
+from vhostballoon.testing.qemu import balloon_guest
 
 MiB = 1 << 20
 REPORT_DEADLINE = 20.0  # seconds: Linux reports 2 s after a free, 32 blocks per buffer
 POISON = 0xAAAAAAAA  # include/linux/poison.h PAGE_POISON 0xaa, in each byte of poison_val
-
-
-@asynccontextmanager
-async def qemu(workdir, backend, name="guest", **kwargs):
-    d = workdir / name
-    d.mkdir()
-    guest = await QemuGuest.start(d, balloon_vhost_user_args(backend.socket_path), **kwargs)
-    try:
-        yield guest
-    finally:
-        await guest.kill()
 
 
 async def wait_host_drop(guest, full: int, want: int, deadline: float) -> tuple[int, float]:
@@ -45,7 +33,7 @@ async def wait_host_drop(guest, full: int, want: int, deadline: float) -> tuple[
 
 
 async def test_reporting_gives_back_what_the_guest_wrote_and_freed(tmp_path, backend):
-    async with qemu(tmp_path, backend) as guest:
+    async with balloon_guest(tmp_path, backend.socket_path) as guest:
         info = await backend.query()
         assert "balloon:reporting" in info["features"] and info["queues"][-1] == "reporting"
         assert (await guest.run("fill 800", timeout=120)).rc == 0
@@ -77,7 +65,7 @@ async def test_reporting_gives_back_what_the_guest_wrote_and_freed(tmp_path, bac
 
 
 async def test_a_poisoning_guest_reports_but_nothing_is_discarded(tmp_path, backend):
-    async with qemu(tmp_path, backend, append="page_poison=1") as guest:
+    async with balloon_guest(tmp_path, backend.socket_path, append="page_poison=1") as guest:
         # Debian's 6.1 kernel has CONFIG_PAGE_POISONING=y; page_poison=1 turns
         # it on and takes precedence over init_on_alloc.
         cmdline = (await guest.run("sh cat /proc/cmdline")).lines
@@ -119,7 +107,7 @@ async def test_a_poisoning_guest_reports_but_nothing_is_discarded(tmp_path, back
 async def test_guest_statistics_appear_and_follow_the_guest(tmp_path, backend_factory):
     interval = 2.0
     backend = backend_factory("vb", "--stats-interval", str(interval))
-    async with qemu(tmp_path, backend) as guest:
+    async with balloon_guest(tmp_path, backend.socket_path) as guest:
         ready = time.monotonic()
         # The primed buffer is decoded when the queue starts; fresh numbers
         # every interval after that.

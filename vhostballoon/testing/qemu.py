@@ -371,3 +371,16 @@ class QemuGuest:
             with trio.move_on_after(timeout):
                 await self.process.wait()
         await self.kill()
+
+
+@asynccontextmanager
+async def balloon_guest(workdir, socket_path: str, name: str = "guest", **start_options):
+    """A real guest whose balloon is the back-end on ``socket_path``, in its
+    own ``workdir/name`` directory; QEMU is killed on exit."""
+    d = Path(workdir) / name
+    d.mkdir()
+    guest = await QemuGuest.start(d, balloon_vhost_user_args(socket_path), **start_options)
+    try:
+        yield guest
+    finally:
+        await guest.kill()
