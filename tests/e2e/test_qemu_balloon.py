@@ -141,20 +141,23 @@ async def test_guest_reboot_starts_a_fresh_balloon_and_frees_its_pages(tmp_path,
     async with balloon_guest(tmp_path, backend.socket_path) as guest:
         await backend.execute("balloon", value=768 * MiB)
         await backend.wait_for(lambda i: i["actual"] == 768 * MiB, 90, "guest at 768 MiB")
-        host_before = guest.host_allocated()
+        before = await backend.query()
+        discarded_before = before["discarded-bytes"]
 
         await guest.process.stdin.send_all(b"sh reboot -f\n")
         await guest.wait_for(r"^@@VB READY", 90)
         # The rebooted guest's driver balloons to the kept target by itself.
         info = await backend.wait_for(
-            lambda i: i["actual"] == 768 * MiB and i["ballooned-bytes"] == 256 * MiB, 90, "rebooted guest at 768 MiB"
+            lambda i: i["actual"] == 768 * MiB and i["ballooned-bytes"] == 256 * MiB
+            and i["discarded-bytes"] - discarded_before >= 256 * MiB,
+            90, "rebooted guest at 768 MiB, its 256 MiB balloon discarded anew",
         )
         assert "guest driver restarted" in backend.log()
         assert balloon_pages(await guest.vmstat()) == 256 * MiB // 4096
-        # The reboot touched guest memory; the new balloon's pages are freed
-        # again, so the host holds about what it held before the reboot.
-        host_after = guest.host_allocated()
-        assert host_after <= host_before + 64 * MiB, (
-            f"host holds {host_after >> 20} MiB after the reboot vs {host_before >> 20} MiB before: "
-            f"{info['repeated-pfns']} PFNs were treated as already ballooned"
-        )
+        # The new driver gives mostly the same PFNs as the old one did (same
+        # kernel, same boot): had the back-end kept the old balloon, it would
+        # count them as repeated and free nothing: every page of the new
+        # balloon must reach fallocate again (waited for above). (The host's total is no measure
+        # here: how much the reboot itself touches varies by tens of MiB.)
+        assert info["repeated-pfns"] == 0, info
+        assert guest.host_allocated() <= 768 * MiB
