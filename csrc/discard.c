@@ -15,9 +15,11 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 
 #include "vb_internal.h"
 
@@ -346,7 +348,87 @@ int vb_discard_range(vb_mem *mem, uint64_t gpa, uint64_t len, vb_discard_stats *
     return discard_one_range(mem, gpa, len, st);
 }
 
+static int discard_ranges_now(vb_mem *mem, const vb_range *ranges, uint32_t n, vb_discard_stats *st);
+
+/* Fault injection (scripts/faults/slow_discard.py): every vb_discard_ranges
+ * call sleeps this long first and, while recording, logs when it ran.  Off
+ * (0, not recording) unless a test turns it on. */
+#define FAULT_LOG_MAX 4096
+static pthread_mutex_t fault_mu = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t fault_delay_ns;
+static int fault_recording;
+static uint32_t fault_n;
+static uint64_t fault_start[FAULT_LOG_MAX], fault_end[FAULT_LOG_MAX], fault_bytes[FAULT_LOG_MAX];
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+void vb_fault_discard(uint64_t delay_ns, int record)
+{
+    pthread_mutex_lock(&fault_mu);
+    fault_delay_ns = delay_ns;
+    fault_recording = record;
+    fault_n = 0;
+    pthread_mutex_unlock(&fault_mu);
+}
+
+uint32_t vb_fault_discard_log(uint64_t *start_ns, uint64_t *end_ns, uint64_t *bytes, uint32_t max)
+{
+    uint32_t n;
+
+    pthread_mutex_lock(&fault_mu);
+    n = fault_n < max ? fault_n : max;
+    memcpy(start_ns, fault_start, n * sizeof(*start_ns));
+    memcpy(end_ns, fault_end, n * sizeof(*end_ns));
+    memcpy(bytes, fault_bytes, n * sizeof(*bytes));
+    pthread_mutex_unlock(&fault_mu);
+    return n;
+}
+
 int vb_discard_ranges(vb_mem *mem, const vb_range *ranges, uint32_t n, vb_discard_stats *st)
+{
+    int rc = 0;
+    uint64_t delay, start = 0, total = 0;
+    int recording;
+
+    pthread_mutex_lock(&fault_mu);
+    delay = fault_delay_ns;
+    recording = fault_recording;
+    pthread_mutex_unlock(&fault_mu);
+    if (recording) {
+        start = now_ns();
+        for (uint32_t i = 0; i < n; i++) {
+            total += ranges[i].len;
+        }
+    }
+    if (delay) {
+        struct timespec ts = {(time_t)(delay / 1000000000u), (long)(delay % 1000000000u)};
+
+        while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+        }
+    }
+    rc = discard_ranges_now(mem, ranges, n, st);
+    if (recording) {
+        uint64_t end = now_ns();
+
+        pthread_mutex_lock(&fault_mu);
+        if (fault_n < FAULT_LOG_MAX) {
+            fault_start[fault_n] = start;
+            fault_end[fault_n] = end;
+            fault_bytes[fault_n] = total;
+            fault_n++;
+        }
+        pthread_mutex_unlock(&fault_mu);
+    }
+    return rc;
+}
+
+static int discard_ranges_now(vb_mem *mem, const vb_range *ranges, uint32_t n, vb_discard_stats *st)
 {
     int rc = 0;
 

@@ -262,6 +262,68 @@ uint32_t vb_track_collect(vb_mem *mem, int region, vb_range *ranges, uint32_t ma
  * pending_since_ns of those regions (CLOCK_MONOTONIC), 0 if none pending. */
 uint64_t vb_track_pending(const vb_mem *mem, int collectable_only, uint64_t *oldest_ns);
 
+/* Fault injection, for scripts/faults/ only: every vb_discard_ranges call
+ * first sleeps delay_ns and, with record, logs its CLOCK_MONOTONIC start and
+ * end and its bytes (up to 4096 calls; the call clears the log).
+ * vb_fault_discard_log copies at most max entries, returns how many. */
+void vb_fault_discard(uint64_t delay_ns, int record);
+uint32_t vb_fault_discard_log(uint64_t *start_ns, uint64_t *end_ns, uint64_t *bytes, uint32_t max);
+
+/* ---- queue workers (serve.c) ---------------------------------------------
+ * One thread per inflate or deflate queue serves everything the guest makes
+ * available, one pass per kick: pop, bitmap, huge page tracking, discard,
+ * used ring, call eventfd.  Every touch of guest memory state (the memory
+ * table, rings, bitmap, tracker, discard engine) by anyone happens under one
+ * vb_lock; a worker holds it from pop to push and honours a stop request
+ * only between batches.  A vb_lock may be released by another thread than
+ * the one that took it. */
+typedef struct vb_lock vb_lock;
+typedef struct vb_worker vb_worker;
+
+typedef struct vb_worker_counters {
+    uint64_t kicks;             /* kick eventfd reads */
+    uint64_t batches;           /* pops that returned buffers */
+    uint64_t buffers;           /* buffers returned to the used ring */
+    uint64_t pfns;              /* PFNs received */
+    uint64_t changed;           /* pages whose ballooned state flipped */
+    uint64_t invalid;           /* PFNs outside guest memory (ignored) */
+    uint32_t last_invalid_pfn;  /* first invalid PFN of the latest batch that had one */
+    uint64_t unchanged;         /* PFNs already in that state (repeated) */
+    uint32_t last_unchanged_pfn; /* first such PFN of the latest batch that had one */
+    uint64_t pending_dropped;   /* deflate: pending pages dropped */
+    uint64_t signals;           /* call eventfd writes */
+    uint64_t flushes;           /* pending pages collected at the flush threshold */
+    uint64_t freed_measured;    /* bytes the backing files shrank by across our discards */
+    vb_discard_stats discard;   /* cumulative; last_errno/failed_region: the latest failure */
+    int broken;                 /* the ring was malformed: the worker stopped (error says why) */
+    int running;                /* no stop requested or taken yet */
+    char error[200];
+} vb_worker_counters;
+
+vb_lock *vb_lock_new(void);
+void vb_lock_free(vb_lock *l);
+void vb_lock_acquire(vb_lock *l);   /* blocking */
+int vb_lock_try(vb_lock *l);        /* 1: taken */
+void vb_lock_release(vb_lock *l);
+/* Starts a worker on a set-up queue.  It works on duplicates of kick_fd,
+ * call_fd (-1: none) and notify_fd (-1: none), which it writes when the
+ * session should look: invalid or repeated PFNs, a discard failure, a
+ * broken ring, pending pages appearing, a flush.  flush_pages: on inflate,
+ * collect and free every collectable pending page once that many are
+ * pending (0: never; the session handles deadlines).  NULL on failure (err). */
+vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
+                           int kick_fd, int call_fd, int notify_fd, uint64_t flush_pages,
+                           char *err, size_t errlen);
+/* Replaces the call eventfd (duplicated; -1: none).  Hold the lock.  -1 if dup failed. */
+int vb_worker_set_call_fd(vb_worker *w, int call_fd);
+void vb_worker_set_flush_pages(vb_worker *w, uint64_t pages);
+void vb_worker_get_counters(vb_worker *w, vb_worker_counters *out);
+/* Asks the worker to stop at the next batch boundary; does not wait.  Once
+ * the caller then holds the lock, the worker will not touch the queue again. */
+void vb_worker_request_stop(vb_worker *w);
+void vb_worker_join(vb_worker *w);  /* blocking: waits for the thread to end */
+void vb_worker_free(vb_worker *w);  /* joins if needed, closes its fds, frees */
+
 /* CDEF-END */
 
 #endif

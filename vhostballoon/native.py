@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vhostballoon._native import ffi, lib
 
@@ -700,3 +700,147 @@ class Virtqueue:
                 f"last_avail_idx {last} (ring size {self._vq.num})"
             )
         return n
+
+
+class NativeLock:
+    """The lock the C queue workers take around every touch of guest memory
+    state (csrc/serve.c vb_lock).  Any thread may release it, so the session
+    can take it on the event loop and discard in a worker thread."""
+
+    def __init__(self) -> None:
+        self._lock = ffi.gc(lib.vb_lock_new(), lib.vb_lock_free)
+        if self._lock == ffi.NULL:
+            raise MemoryError("vb_lock_new")
+
+    def acquire(self) -> None:
+        """Blocking: call it from a worker thread when try_acquire fails."""
+        lib.vb_lock_acquire(self._lock)
+
+    def try_acquire(self) -> bool:
+        return bool(lib.vb_lock_try(self._lock))
+
+    def release(self) -> None:
+        lib.vb_lock_release(self._lock)
+
+
+@dataclass(frozen=True)
+class WorkerCounters:
+    """Totals of one queue worker since it started (vb_worker_counters)."""
+
+    kicks: int = 0
+    batches: int = 0
+    buffers: int = 0
+    pfns: int = 0
+    changed: int = 0
+    invalid: int = 0
+    last_invalid_pfn: int = 0
+    unchanged: int = 0
+    last_unchanged_pfn: int = 0
+    pending_dropped: int = 0
+    signals: int = 0
+    flushes: int = 0
+    freed_measured: int = 0
+    discard: DiscardStats = field(default_factory=DiscardStats)
+    broken: str | None = None
+    running: bool = False
+
+    def minus(self, earlier: WorkerCounters) -> WorkerCounters:
+        """What happened since ``earlier`` (the discard failure fields are the latest)."""
+        discard = DiscardStats(**{
+            name: getattr(self.discard, name) - getattr(earlier.discard, name) for name in DiscardStats._SUMMED
+        })
+        if discard.bytes_failed:
+            discard.last_errno, discard.failed_region = self.discard.last_errno, self.discard.failed_region
+        counts = {
+            name: getattr(self, name) - getattr(earlier, name)
+            for name in ("kicks", "batches", "buffers", "pfns", "changed", "invalid", "unchanged",
+                         "pending_dropped", "signals", "flushes", "freed_measured")
+        }
+        return WorkerCounters(**counts, last_invalid_pfn=self.last_invalid_pfn,
+                              last_unchanged_pfn=self.last_unchanged_pfn, discard=discard,
+                              broken=self.broken, running=self.running)
+
+
+class QueueWorker:
+    """A C thread serving one inflate or deflate queue (csrc/serve.c): per
+    kick it pops, updates the bitmap and the huge page tracker, frees, fills
+    the used ring and signals, all under the NativeLock.
+
+    It keeps the memory table, the lock and the queue alive until freed.
+    Stop it before the memory table is closed or the queue replaced:
+    request_stop(), then (once the caller holds the lock, the worker no
+    longer touches the queue) join() in a thread, then free()."""
+
+    def __init__(self, mem: GuestMemory, lock: NativeLock, vq: Virtqueue, *, inflate: bool,
+                 kick_fd: int, call_fd: int | None, notify_fd: int | None, flush_pages: int) -> None:
+        vq._check_mapped()
+        if mem is not vq._mem:
+            raise vq._fail("worker started with a different memory table than setup")
+        err = _errbuf()
+        worker = lib.vb_worker_start(
+            mem._table(), lock._lock, vq._vq, 1 if inflate else 0, kick_fd,
+            -1 if call_fd is None else call_fd, -1 if notify_fd is None else notify_fd,
+            flush_pages, err, _ERRLEN,
+        )
+        if worker == ffi.NULL:
+            raise vq._fail(_errtext(err))
+        self._worker = worker
+        self._keep = (mem, lock, vq)
+        self._counters = ffi.new("vb_worker_counters *")
+        self.inflate = inflate
+        self.index = vq.index
+
+    def set_call_fd(self, fd: int | None) -> None:
+        """Hold the lock.  The worker signals its own duplicate of fd."""
+        if lib.vb_worker_set_call_fd(self._worker, -1 if fd is None else fd) < 0:
+            raise OSError(ffi.errno, f"queue {self.index}: cannot duplicate call fd {fd}")
+
+    def set_flush_pages(self, pages: int) -> None:
+        lib.vb_worker_set_flush_pages(self._worker, pages)
+
+    def counters(self) -> WorkerCounters:
+        c = self._counters
+        lib.vb_worker_get_counters(self._worker, c)
+        return WorkerCounters(
+            kicks=c.kicks, batches=c.batches, buffers=c.buffers, pfns=c.pfns, changed=c.changed,
+            invalid=c.invalid, last_invalid_pfn=c.last_invalid_pfn, unchanged=c.unchanged,
+            last_unchanged_pfn=c.last_unchanged_pfn, pending_dropped=c.pending_dropped,
+            signals=c.signals, flushes=c.flushes, freed_measured=c.freed_measured,
+            discard=DiscardStats._from_c(c.discard),
+            broken=_errtext(c.error) if c.broken else None, running=bool(c.running),
+        )
+
+    def request_stop(self) -> None:
+        lib.vb_worker_request_stop(self._worker)
+
+    def join(self) -> None:
+        """Blocking (the current batch finishes first): run it in a thread."""
+        lib.vb_worker_join(self._worker)
+
+    def free(self) -> None:
+        if self._worker is not None:
+            lib.vb_worker_free(self._worker)
+            self._worker = None
+            self._keep = None
+
+
+# ---- fault injection (scripts/faults/ only) -----------------------------------------
+
+_FAULT_LOG_MAX = 4096
+
+
+def fault_discard(delay: float = 0.0, record: bool = False) -> None:
+    """Make every discard (vb_discard_ranges, whoever calls it: the C queue
+    workers or the session) ``delay`` seconds slower, and with ``record``
+    log when each ran.  ``fault_discard()`` turns both off."""
+    lib.vb_fault_discard(int(delay * 1e9), 1 if record else 0)
+
+
+def fault_discard_log() -> list[tuple[float, float, int]]:
+    """(start, end, bytes) of each discard since fault_discard(record=True),
+    times in time.monotonic() seconds (both are CLOCK_MONOTONIC)."""
+    start = ffi.new("uint64_t[]", _FAULT_LOG_MAX)
+    end = ffi.new("uint64_t[]", _FAULT_LOG_MAX)
+    size = ffi.new("uint64_t[]", _FAULT_LOG_MAX)
+    n = lib.vb_fault_discard_log(start, end, size, _FAULT_LOG_MAX)
+    return [(start[i] / 1e9, end[i] / 1e9, size[i]) for i in range(n)]

@@ -12,8 +12,8 @@ control socket) sent every few milliseconds throughout:
             (--buffer-pfns each; Linux sends 256, the device takes up to
             65536), so each discard punches tens of thousands of scattered
             holes: real fallocate work, timed.
-  injected  every discard is made --inject-ms slower (a sleep in the worker
-            thread that runs it, i.e. a slow host), with the huge-page
+  injected  every discard is made --inject-ms slower (a sleep inside the C
+            core's discard call, in whichever thread runs it: a slow host), with the huge-page
             policy at eager so every buffer discards; the guest balloons
             normally meanwhile.
 
@@ -29,7 +29,6 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +52,7 @@ from _common import (  # noqa: E402
     size_arg,
     wait_until,
 )
-from vhostballoon.native import GuestMemory  # noqa: E402
+from vhostballoon.native import fault_discard, fault_discard_log  # noqa: E402
 from vhostballoon.testing import GuestRAM  # noqa: E402
 
 PROBE_EVERY = 0.002  # seconds between two GET_CONFIGs
@@ -74,24 +73,27 @@ def build_parser():
     return p
 
 
+class DiscardLog(list):
+    """The discards run so far, as (start, end, bytes); refreshed from the
+    C core's fault log on each read of ``update()``."""
+
+    def update(self) -> DiscardLog:
+        self[:] = fault_discard_log()
+        return self
+
+
 @contextmanager
 def timed_discards(delay: float = 0.0):
     """Every discard the back-end runs, as (start, end, bytes); each made
-    ``delay`` seconds slower (in the worker thread that runs it)."""
-    intervals: list[tuple[float, float, int]] = []
-    real = GuestMemory.discard_ranges
-
-    def discard_ranges(self, ranges):
-        start = time.monotonic()
-        try:
-            if delay:
-                time.sleep(delay)
-            return real(self, ranges)
-        finally:
-            intervals.append((start, time.monotonic(), ranges.total_bytes))
-
-    with mock.patch.object(GuestMemory, "discard_ranges", discard_ranges):
+    ``delay`` seconds slower (a sleep inside the C core's vb_discard_ranges,
+    in whichever thread runs it: a slow host)."""
+    intervals = DiscardLog()
+    fault_discard(delay, record=True)
+    try:
         yield intervals
+    finally:
+        intervals.update()
+        fault_discard()
 
 
 class Probes:
@@ -200,7 +202,7 @@ async def real_phase(args, checks: Checks) -> None:
                     await guest.frontend.stop()
             finally:
                 ram.close()
-        judge("real", checks, probes, intervals, slow, args.bound_ms / 1000)
+        judge("real", checks, probes, intervals.update(), slow, args.bound_ms / 1000)
         checks.check("real: no session crashed", "session failed" not in log_text(logs))
 
 
@@ -237,7 +239,7 @@ async def injected_phase(args, checks: Checks) -> None:
                     await guest.frontend.stop()
             finally:
                 ram.close()
-        judge("injected", checks, probes, intervals, slow, args.bound_ms / 1000)
+        judge("injected", checks, probes, intervals.update(), slow, args.bound_ms / 1000)
         checks.check("injected: no session crashed", "session failed" not in log_text(logs))
 
 

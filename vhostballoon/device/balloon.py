@@ -1,19 +1,18 @@
 """The balloon device: features, config space, target and page accounting.
 
 It never sees a message or a socket. The server feeds it typed values (the
-negotiated features, a config read or write, a batch of PFNs popped from a
-queue) and asks it what to do; freeing host memory is the discard engine's
-job (vhostballoon.native), which the server runs off the event loop.
+negotiated features, a config read or write, what a queue worker did) and
+asks it what to do; popping PFNs and freeing host memory is the C core's job
+(vhostballoon.native), which the server runs off the event loop.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import structlog
 
-from ..native import PAGE_SHIFT, PAGE_SIZE, DescRange, DiscardStats, GuestMemory, PfnArray
+from ..native import PAGE_SHIFT, PAGE_SIZE, DescRange, DiscardStats, GuestMemory, WorkerCounters
 from .config import ACTUAL_OFFSET, CONFIG_SIZE, POISON_OFFSET, BalloonConfig, check_access
 from .features import DEFAULT_FEATURES, QueueRole, RingFeature, feature_names, queue_roles
 from .reporting import ReportCounters, ReportPlan, Skip, plan_report
@@ -28,18 +27,6 @@ LINUX_PFNS_PER_BUFFER = 256
 
 class FeatureError(ValueError):
     """The driver acked features the device did not offer."""
-
-
-@dataclass(frozen=True)
-class PageUpdate:
-    """What one inflate or deflate batch changed in the ballooned-page bitmap."""
-
-    role: QueueRole
-    requested: int  # PFNs the guest sent
-    changed: PfnArray  # PFNs whose state flipped (to be discarded, for inflate)
-    invalid: int  # PFNs outside guest memory: ignored, never freed
-    first_invalid: int | None
-    unchanged: int  # already in that state (inflated twice, deflated while not ballooned)
 
 
 @dataclass(frozen=True)
@@ -178,52 +165,39 @@ class BalloonDevice:
 
     # -- inflate / deflate ---------------------------------------------------
 
-    def apply(self, role: QueueRole, pfns: PfnArray, buffers: int) -> PageUpdate:
-        """Record an inflate or deflate batch in the ballooned-page bitmap."""
+    def record_queue_work(self, role: QueueRole, work: WorkerCounters) -> None:
+        """Count what a queue worker did (the C core's totals since the last
+        call) and say what the guest got wrong: invalid PFNs are ignored and
+        never freed; repeated ones change nothing."""
         if role not in (QueueRole.INFLATE, QueueRole.DEFLATE):
             raise ValueError(f"{role.value} queue carries no PFNs")
         inflate = role is QueueRole.INFLATE
-        result = self.memory.balloon_update(pfns, inflate=inflate)
-        changed = len(result.changed)
         c = self.counters
         if inflate:
-            c.inflate_buffers += buffers
-            c.pages_inflated += changed
+            c.inflate_buffers += work.buffers
+            c.pages_inflated += work.changed
         else:
-            c.deflate_buffers += buffers
-            c.pages_deflated += changed
-        c.invalid_pfns += result.n_invalid
-        c.repeated_pfns += result.n_unchanged
-        update = PageUpdate(role, len(pfns), result.changed, result.n_invalid, result.first_invalid, result.n_unchanged)
-        if result.n_invalid:
+            c.deflate_buffers += work.buffers
+            c.pages_deflated += work.changed
+        c.invalid_pfns += work.invalid
+        c.repeated_pfns += work.unchanged
+        c.discard.add(work.discard)
+        c.freed_measured += work.freed_measured
+        if work.invalid:
             log.warning(
                 "pfns outside guest memory ignored",
                 queue=role.value,
-                count=result.n_invalid,
-                first_pfn=hex(result.first_invalid or 0),
+                count=work.invalid,
+                first_pfn=hex(work.last_invalid_pfn),
                 guest_ram=hex(self.ram_bytes),
             )
-        if result.n_unchanged:
-            first = self._first_unchanged(pfns, result.changed)
+        if work.unchanged:
             log.info(
                 "pfns already in that state" if inflate else "pfns deflated that were not ballooned",
                 queue=role.value,
-                count=result.n_unchanged,
-                first_pfn=hex(first) if first is not None else None,
+                count=work.unchanged,
+                first_pfn=hex(work.last_unchanged_pfn),
             )
-        return update
-
-    def _first_unchanged(self, pfns: PfnArray, changed: PfnArray) -> int | None:
-        """The first PFN of a batch that did not change state, for the log line
-        (the C update counts them but does not name one). Only runs when a
-        guest repeats PFNs, which Linux never does, so plain Python is fine."""
-        flipped = Counter(changed.tolist())
-        for pfn in pfns.tolist():
-            if flipped[pfn]:
-                flipped[pfn] -= 1  # this occurrence is the one that flipped
-            elif self.memory.translate(pfn << PAGE_SHIFT, PAGE_SIZE) is not None:
-                return pfn  # inside guest memory, so not one of the invalid ones
-        return None
 
     # -- free page reporting ---------------------------------------------------
 
@@ -304,6 +278,5 @@ __all__ = [
     "BalloonDevice",
     "ConfigWrite",
     "FeatureError",
-    "PageUpdate",
     "CONFIG_SIZE",
 ]

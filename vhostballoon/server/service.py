@@ -146,6 +146,7 @@ class BalloonService:
         }
         if session is not None:
             device = session.device
+            session.absorb_queue_work()
             result["actual"] = device.actual_bytes
             result.update(device.describe())
             result.update(session.huge.describe())

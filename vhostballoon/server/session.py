@@ -5,21 +5,25 @@ BackendConnection; this module does the I/O it asks for: mapping guest
 memory, waiting on kick eventfds, signalling call eventfds, running discards
 in a worker thread, and talking on the backend channel.
 
-Queues and what serves them: inflate and deflate (PFN arrays, the balloon
-bitmap, the huge page tracker, discards), reporting (free ranges checked by
+Queues and what serves them: inflate and deflate are served by C threads
+(native.QueueWorker: one pass per kick pops the PFN arrays, updates the
+balloon bitmap and the huge page tracker, frees, fills the used ring and
+signals; the session is woken through a notify eventfd only for what it must
+log or act on); reporting (free ranges checked by
 device.reporting and discarded, the buffer returned at once), stats (the
 guest's one buffer is decoded and held; a timer returns it every
 ``stats-interval`` seconds so the guest refills it).  Free page hinting is
 never offered, so never served.
 
 Concurrency rules:
-- ``memory_lock`` is held by whoever reads the rings or changes the memory
-  table, so a discard running in a worker thread never sees its mapping go.
+- ``memory_lock`` (a trio lock plus the C workers' NativeLock) is held by
+  whoever reads the rings or changes the memory table, so a discard running
+  in a worker thread never sees its mapping go.
 - GET_CONFIG never takes that lock: a guest vCPU waits on it synchronously.
 - A popped batch is processed to the end (bitmap, discard, used ring, call)
-  before its queue can stop: pop to push runs shielded from cancellation
-  (the discard thread could not be interrupted anyway), and a stopped queue
-  takes no further batch.  The one buffer deliberately held across time is
+  before its queue can stop: a C worker honours a stop request only between
+  batches, and the Python queues run pop to push shielded from cancellation;
+  a stopped queue takes no further batch.  The one buffer deliberately held across time is
   the guest's stats buffer; GET_VRING_BASE hands it back as not consumed.
 - Deflate is sacred: a page the guest took back leaves the huge page
   tracker before anything else can free it, and a report overlapping a
@@ -43,7 +47,19 @@ from ..device.config import CONFIG_SIZE, ConfigAccessError
 from ..device.features import MAX_QUEUES, QueueRole
 from ..device.hugepages import FlushPolicy, HugePageTracker, HugePolicy
 from ..device.reporting import ReportPlan
-from ..native import PAGE_SHIFT, GuestMemory, MemoryTableError, PfnArray, RangeList, RingError, Virtqueue
+from ..native import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    GuestMemory,
+    MemoryTableError,
+    NativeLock,
+    PfnArray,
+    QueueWorker,
+    RangeList,
+    RingError,
+    Virtqueue,
+    WorkerCounters,
+)
 from ..vhost_user import connection as vu
 from ..vhost_user.constants import VHOST_USER_F_PROTOCOL_FEATURES, BackendRequest, ProtocolFeature
 from ..vhost_user.errors import ProtocolError
@@ -66,6 +82,40 @@ class SessionClosed(Exception):
     """The session ended because of bad input; the reason was logged."""
 
 
+class MemoryLock:
+    """The session's memory lock: a trio lock among its tasks, plus the
+    NativeLock its C queue workers take.  The native one is taken without
+    blocking the event loop (a worker may hold it through a discard)."""
+
+    def __init__(self, native: NativeLock) -> None:
+        self.native = native
+        self._lock = trio.Lock()
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+        try:
+            if not self.native.try_acquire():
+                await trio.to_thread.run_sync(self.native.acquire)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.native.release()
+        self._lock.release()
+
+
+def flush_threshold_pages(policy: FlushPolicy) -> int:
+    """What a C inflate worker is told: collect pending pages once this many
+    are pending (0: never).  Deadlines and "guest at target" stay with the
+    session's FlushPolicy."""
+    if policy.mode is HugePolicy.WHOLE:
+        return 0
+    if policy.mode is HugePolicy.EAGER:
+        return 1
+    return max(1, policy.flush_bytes // PAGE_SIZE)
+
+
 @dataclass
 class QueueState:
     index: int
@@ -83,10 +133,12 @@ class QueueState:
     signals: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
     held_head: int | None = None  # stats queue: the guest's buffer, kept until fresh numbers are wanted
+    worker: QueueWorker | None = None  # inflate/deflate: the C thread serving it
+    role: QueueRole | None = None  # what the worker serves
 
     @property
     def running(self) -> bool:
-        return self.scope is not None
+        return self.scope is not None or self.worker is not None
 
 
 class FrontendSession:
@@ -103,7 +155,11 @@ class FrontendSession:
             max_mem_slots=MAX_MEM_SLOTS,
         )
         self.queues = [QueueState(i, Virtqueue(i)) for i in range(MAX_QUEUES)]
-        self.memory_lock = trio.Lock()
+        self.memory_lock = MemoryLock(NativeLock())
+        # C queue workers write it when the session should look (notify_loop).
+        self._notify_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._stopping: list[tuple[QueueState, QueueWorker]] = []
+        self._seen: dict[int, WorkerCounters] = {}  # id(worker) -> its counters last absorbed
         self.backend_channel: FdStream | None = None
         self.backend_lock = trio.Lock()
         self.nursery: trio.Nursery | None = None
@@ -141,11 +197,13 @@ class FrontendSession:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 nursery.start_soon(self._stats_timer)
+                nursery.start_soon(self._notify_loop)
                 try:
                     await self._receive_loop()
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
+            self.nursery = None  # closed: close() reaps what is left itself
             self.close()
 
     def close(self) -> None:
@@ -153,6 +211,17 @@ class FrontendSession:
             self._stop_worker(q)
             for name in ("kick_fd", "call_fd", "err_fd"):
                 self._replace_fd(q, name, None)
+        # The C threads must be gone before the memory they serve is unmapped.
+        while self._stopping:
+            q, worker = self._stopping.pop()
+            worker.join()
+            self._absorb(q, worker)
+            self._seen.pop(id(worker), None)
+            worker.free()
+        if self._notify_fd is not None:
+            trio.lowlevel.notify_closing(self._notify_fd)
+            os.close(self._notify_fd)
+            self._notify_fd = None
         if self.backend_channel is not None:
             self.backend_channel.close()
             self.backend_channel = None
@@ -387,7 +456,12 @@ class FrontendSession:
         self._maybe_start(q)
 
     async def _on_vring_call(self, ev: vu.VringCallSet) -> None:
-        self._replace_fd(self.queues[ev.index], "call_fd", ev.fd)
+        q = self.queues[ev.index]
+        if q.worker is not None:
+            async with self.memory_lock:  # the worker signals its own copy
+                if q.worker is not None:
+                    q.worker.set_call_fd(ev.fd)
+        self._replace_fd(q, "call_fd", ev.fd)
 
     async def _on_vring_err(self, ev: vu.VringErrSet) -> None:
         self._replace_fd(self.queues[ev.index], "err_fd", ev.fd)
@@ -417,22 +491,91 @@ class FrontendSession:
             # negotiated ones (QEMU enables all num_vqs) has no role.
             log.info("queue not served", queue=q.index, role=role.value if role else None)
             return
-        q.scope = trio.CancelScope()
-        self.nursery.start_soon(self._queue_worker, q, role, q.scope)
+        if role in (QueueRole.INFLATE, QueueRole.DEFLATE):
+            try:
+                q.worker = QueueWorker(
+                    self.memory, self.memory_lock.native, q.vq, inflate=role is QueueRole.INFLATE,
+                    kick_fd=q.kick_fd, call_fd=q.call_fd, notify_fd=self._notify_fd,
+                    flush_pages=flush_threshold_pages(self.huge.policy),
+                )
+            except RingError as exc:
+                log.error("queue not started", queue=q.index, error=str(exc))
+                return
+            q.role = role
+            self._seen[id(q.worker)] = WorkerCounters()
+        else:
+            q.scope = trio.CancelScope()
+            self.nursery.start_soon(self._queue_worker, q, role, q.scope)
         log.info("queue started", queue=q.index, role=role.value, num=q.num)
 
     def _stop_worker(self, q: QueueState) -> None:
+        """Stop serving q.  A C worker finishes its batch first: once the
+        caller holds the memory lock it no longer touches the queue; its
+        thread is reaped in the background (or by close())."""
         if q.scope is not None:
             q.scope.cancel()
             q.scope = None
+        if q.worker is not None:
+            worker, q.worker = q.worker, None
+            worker.request_stop()
+            self._stopping.append((q, worker))
+            if self.nursery is not None:
+                self.nursery.start_soon(self._reap_worker, q, worker)
+
+    async def _reap_worker(self, q: QueueState, worker: QueueWorker) -> None:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(worker.join)
+        if (q, worker) in self._stopping:  # close() may have reaped it meanwhile
+            self._stopping.remove((q, worker))
+            self._absorb(q, worker)
+            self._seen.pop(id(worker), None)
+            worker.free()
+
+    def _workers(self):
+        for q in self.queues:
+            if q.worker is not None:
+                yield q, q.worker
+        yield from self._stopping
+
+    def absorb_queue_work(self) -> None:
+        """Bring the C workers' counters into the device's (call before
+        describing it) and act on what they report."""
+        for q, worker in list(self._workers()):
+            self._absorb(q, worker)
+
+    def _absorb(self, q: QueueState, worker: QueueWorker) -> None:
+        now = worker.counters()
+        work = now.minus(self._seen.get(id(worker), WorkerCounters()))
+        self._seen[id(worker)] = now
+        self.device.record_queue_work(q.role, work)
+        q.buffers += work.buffers
+        q.signals += work.signals
+        if work.discard.bytes_failed:
+            self._report_discard_failure(work.discard)
+        if work.flushes:
+            log.info("pending partial huge pages freed", reason="flush-bytes reached", queue=q.index,
+                     thp_splits_so_far=self.device.counters.discard.splits,
+                     policy=self.huge.policy.mode.value)
+        if now.broken and not q.broken and worker is q.worker:
+            self._ring_broken(q, now.broken)
+
+    async def _notify_loop(self) -> None:
+        """The C workers' wake-up: something to log, a broken ring, pending
+        pages that need the flush deadline."""
+        while True:
+            await trio.lowlevel.wait_readable(self._notify_fd)
+            try:
+                os.eventfd_read(self._notify_fd)
+            except BlockingIOError:
+                continue
+            self.absorb_queue_work()
+            self._arm_flush_timer()
 
     def broken_queues(self) -> dict[int, str]:
         return {q.index: q.broken for q in self.queues if q.broken}
 
     async def _queue_worker(self, q: QueueState, role: QueueRole, scope: trio.CancelScope) -> None:
         process = {
-            QueueRole.INFLATE: self._process,
-            QueueRole.DEFLATE: self._process,
             QueueRole.REPORTING: self._process_reports,
             QueueRole.STATS: self._process_stats,
         }[role]
@@ -447,44 +590,6 @@ class FrontendSession:
                     os.eventfd_read(kick_fd)
                 except BlockingIOError:
                     pass
-
-    async def _process(self, q: QueueState, role: QueueRole, scope: trio.CancelScope) -> None:
-        async with self.memory_lock:
-            with trio.CancelScope(shield=True):  # pop -> push: see the module docstring
-                await self._process_locked(q, role, scope)
-        self._arm_flush_timer()
-
-    async def _process_locked(self, q: QueueState, role: QueueRole, scope: trio.CancelScope) -> None:
-        while not scope.cancel_called:
-            try:
-                heads, pfns = q.vq.pop_pfns(self.memory)
-            except RingError as exc:
-                self._ring_broken(q, str(exc))
-                return
-            if not heads:
-                break
-            update = self.device.apply(role, pfns, len(heads))
-            if role is QueueRole.INFLATE:
-                # Whole huge pages (and pages of regions that do not defer)
-                # come back to free now; partial huge pages stay pending.
-                ranges = self.huge.inflated(update.changed)
-            else:
-                # Deflate is sacred: these pages leave pending tracking
-                # before anything else can free them (we hold the lock).
-                self.huge.deflated(update.changed)
-                ranges = None
-            if self.huge.flush_due(guest_at_target=self._guest_at_target()):
-                pending = self.huge.collect()
-                ranges = pending if ranges is None else ranges + pending
-            if ranges is not None and len(ranges):
-                # Freed before the used buffer goes back and before the
-                # lock is released: a deflate can never overtake it.
-                await self._discard(ranges)
-            q.vq.push_used(heads)
-            q.buffers += len(heads)
-            if q.vq.should_signal():
-                self._signal(q.call_fd)
-                q.signals += 1
 
     # -- free page reporting -------------------------------------------------------
 
@@ -674,6 +779,8 @@ class FrontendSession:
 
     def set_flush_policy(self, policy: FlushPolicy) -> None:
         self.huge.policy = policy
+        for _, worker in self._workers():
+            worker.set_flush_pages(flush_threshold_pages(policy))
         if self.nursery is not None:
             self.nursery.start_soon(self.flush_pending, "policy change")
 
@@ -694,9 +801,7 @@ class FrontendSession:
         q.broken = reason
         log.error("malformed ring from the guest: queue stopped", queue=q.index, error=reason)
         self._signal(q.err_fd)
-        if q.scope is not None:
-            q.scope.cancel()
-            q.scope = None
+        self._stop_worker(q)
 
     @staticmethod
     def _signal(fd: int | None) -> None:

@@ -1,0 +1,489 @@
+/*
+ * Serving the inflate and deflate queues in one C call per kick.
+ *
+ * A worker thread per queue waits on the queue's kick eventfd and, for
+ * everything the guest made available, does in one pass what the Python
+ * session used to do in five hops: pop the PFN arrays (vring.c), flip the
+ * ballooned bitmap (mem.c), count the pages per huge page (track.c), free
+ * what may be freed now (discard.c), return the buffers to the used ring and
+ * signal the call eventfd.  The Python session starts and stops workers,
+ * keeps the policy's slow decisions (deadlines, "guest at target") and reads
+ * the counters; it is woken (notify eventfd) only for what it must log or
+ * act on, never per buffer.
+ *
+ * Locking: every touch of the memory table, the rings, the bitmap and the
+ * tracker happens under one vb_lock, which the Python session takes too
+ * (its memory lock).  A vb_lock is not owned by a thread: the session may
+ * take it in one thread and release it in another (it discards in worker
+ * threads), so it is a flag under a mutex, not a bare mutex.  A worker holds
+ * it from pop to push: a deflate can never overtake the discard of an
+ * inflate, and a stop request is honoured only between batches, so a popped
+ * buffer always goes back to the guest.
+ *
+ * File descriptors: a worker works on its own duplicates of the kick, call
+ * and notify eventfds, so the session may close or replace its copies at any
+ * moment without the thread ever touching a recycled fd number.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "vb_internal.h"
+
+/* What one pop takes at most: the same limits as the Python Virtqueue
+ * (native.py): 1024 buffers, 65536 PFNs (Linux sends 256 per buffer,
+ * VIRTIO_BALLOON_ARRAY_PFNS_MAX in drivers/virtio/virtio_balloon.c). */
+#define WORKER_MAX_HEADS 1024
+#define WORKER_MAX_PFNS 65536
+
+struct vb_lock {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int held;
+};
+
+vb_lock *vb_lock_new(void)
+{
+    vb_lock *l = calloc(1, sizeof(*l));
+
+    if (l == NULL) {
+        return NULL;
+    }
+    pthread_mutex_init(&l->mu, NULL);
+    pthread_cond_init(&l->cv, NULL);
+    return l;
+}
+
+void vb_lock_free(vb_lock *l)
+{
+    if (l == NULL) {
+        return;
+    }
+    pthread_cond_destroy(&l->cv);
+    pthread_mutex_destroy(&l->mu);
+    free(l);
+}
+
+void vb_lock_acquire(vb_lock *l)
+{
+    pthread_mutex_lock(&l->mu);
+    while (l->held) {
+        pthread_cond_wait(&l->cv, &l->mu);
+    }
+    l->held = 1;
+    pthread_mutex_unlock(&l->mu);
+}
+
+int vb_lock_try(vb_lock *l)
+{
+    int got = 0;
+
+    pthread_mutex_lock(&l->mu);
+    if (!l->held) {
+        l->held = 1;
+        got = 1;
+    }
+    pthread_mutex_unlock(&l->mu);
+    return got;
+}
+
+void vb_lock_release(vb_lock *l)
+{
+    pthread_mutex_lock(&l->mu);
+    l->held = 0;
+    pthread_cond_signal(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+}
+
+struct vb_worker {
+    vb_mem *mem;
+    vb_lock *lock;
+    vb_vq *vq;
+    int inflate;
+    int kick_fd, call_fd, notify_fd, stop_fd;   /* our own duplicates */
+    uint64_t flush_pages;   /* atomic: collect pending pages at this many; 0 never */
+    int stop;               /* atomic: leave at the next batch boundary */
+    pthread_t thread;
+    int started;
+    pthread_mutex_t counters_mu;
+    vb_worker_counters c;
+    uint32_t *pfns, *changed;
+    uint16_t *heads;
+    vb_range *ranges;
+};
+
+static void discard_stats_add(vb_discard_stats *dst, const vb_discard_stats *src)
+{
+    dst->bytes_freed += src->bytes_freed;
+    dst->bytes_failed += src->bytes_failed;
+    dst->ranges += src->ranges;
+    dst->syscalls += src->syscalls;
+    dst->pages_outside += src->pages_outside;
+    dst->huge_whole += src->huge_whole;
+    dst->huge_split += src->huge_split;
+    dst->hugetlb_partial_bytes += src->hugetlb_partial_bytes;
+    dst->bytes_shmem += src->bytes_shmem;
+    dst->bytes_hugetlbfs += src->bytes_hugetlbfs;
+    dst->bytes_file += src->bytes_file;
+    if (src->failed_region >= 0) {
+        dst->last_errno = src->last_errno;
+        dst->failed_region = src->failed_region;
+    }
+}
+
+/* Bytes the kernel holds for the files behind the regions (each file once),
+ * as GuestMemory.allocated_bytes() counts them. */
+static uint64_t allocated_bytes(const vb_mem *mem)
+{
+    dev_t devs[VB_MAX_REGIONS];
+    ino_t inos[VB_MAX_REGIONS];
+    uint32_t seen = 0;
+    uint64_t total = 0;
+
+    for (uint32_t i = 0; i < mem->nregions; i++) {
+        struct stat st;
+        uint32_t j;
+
+        if (fstat(mem->regions[i].fd, &st) < 0) {
+            continue;
+        }
+        for (j = 0; j < seen; j++) {
+            if (devs[j] == st.st_dev && inos[j] == st.st_ino) {
+                break;
+            }
+        }
+        if (j < seen) {
+            continue;
+        }
+        devs[seen] = st.st_dev;
+        inos[seen] = st.st_ino;
+        seen++;
+        total += (uint64_t)st.st_blocks * 512;
+    }
+    return total;
+}
+
+/* The first PFN of a batch that did not change state although it lies in
+ * guest memory, for the session's log line.  changed[] holds the flipped
+ * PFNs in input order, and of a repeated PFN only its first occurrence can
+ * flip, so walking both in step finds it.  Only runs when there is one. */
+static uint32_t first_unchanged(const vb_mem *mem, const uint32_t *pfns, uint32_t n,
+                                const uint32_t *changed, uint32_t n_changed)
+{
+    uint32_t j = 0;
+
+    for (uint32_t i = 0; i < n; i++) {
+        if (j < n_changed && pfns[i] == changed[j]) {
+            j++;
+        } else if (vb_mem_find_gpa(mem, (uint64_t)pfns[i] << VB_PAGE_SHIFT) >= 0) {
+            return pfns[i];
+        }
+    }
+    return 0;
+}
+
+static void eventfd_signal(int fd)
+{
+    uint64_t one = 1;
+
+    if (fd >= 0 && write(fd, &one, sizeof(one)) < 0) {
+        /* EAGAIN: the counter is saturated, the peer has a wakeup pending */
+    }
+}
+
+/* Frees ranges[0..n) and everything pending if the policy's threshold is
+ * reached; adds to *st and *measured.  Lock held. */
+static void free_now(vb_worker *w, uint32_t n, vb_discard_stats *st, uint64_t *measured, int *flushed)
+{
+    uint64_t threshold = __atomic_load_n(&w->flush_pages, __ATOMIC_RELAXED);
+    vb_range *extra = NULL;
+    uint32_t n_extra = 0;
+    uint64_t before, after;
+    vb_discard_stats one;
+
+    if (w->inflate && threshold != 0) {
+        uint64_t collectable = vb_track_pending(w->mem, 1, NULL);
+
+        if (collectable >= threshold) {
+            extra = malloc(collectable * sizeof(*extra));
+            if (extra != NULL) {   /* no memory: they stay pending for the session's flush */
+                n_extra = vb_track_collect(w->mem, -1, extra, (uint32_t)collectable);
+                *flushed = 1;
+            }
+        }
+    }
+    if (n == 0 && n_extra == 0) {
+        free(extra);
+        return;
+    }
+    before = allocated_bytes(w->mem);
+    if (n) {
+        vb_discard_ranges(w->mem, w->ranges, n, &one);
+        discard_stats_add(st, &one);
+    }
+    if (n_extra) {
+        vb_discard_ranges(w->mem, extra, n_extra, &one);
+        discard_stats_add(st, &one);
+    }
+    after = allocated_bytes(w->mem);
+    *measured += before > after ? before - after : 0;
+    free(extra);
+}
+
+/* Serves every buffer available now, batch by batch.  Returns 1 when the
+ * session should look (something to log, a ring broken, pending pages
+ * appeared), 0 otherwise.  Takes and releases the lock. */
+static int serve_available(vb_worker *w)
+{
+    int notify = 0;
+
+    vb_lock_acquire(w->lock);
+    for (;;) {
+        char err[sizeof(w->c.error)];
+        uint32_t n_pfns = 0, n_changed, n_invalid = 0, first_invalid = 0, n_unchanged = 0;
+        uint32_t n_ranges = 0;
+        uint64_t pending_before = 0, pending_dropped = 0, measured = 0;
+        vb_discard_stats st;
+        int popped, flushed = 0;
+
+        if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE) || !w->vq->ready) {
+            break;
+        }
+        err[0] = '\0';
+        popped = vb_vq_pop_pfns(w->vq, w->mem, w->pfns, WORKER_MAX_PFNS, &n_pfns,
+                                w->heads, WORKER_MAX_HEADS, err, sizeof(err));
+        if (popped < 0) {
+            pthread_mutex_lock(&w->counters_mu);
+            w->c.broken = 1;
+            memcpy(w->c.error, err, sizeof(err));
+            pthread_mutex_unlock(&w->counters_mu);
+            notify = 1;
+            __atomic_store_n(&w->stop, 1, __ATOMIC_RELEASE);
+            break;
+        }
+        if (popped == 0) {
+            break;
+        }
+        memset(&st, 0, sizeof(st));
+        st.failed_region = -1;
+        n_changed = vb_balloon_update(w->mem, w->pfns, n_pfns, w->inflate, w->changed,
+                                      &n_invalid, &first_invalid, &n_unchanged);
+        if (w->inflate) {
+            int nr;
+
+            pending_before = vb_track_pending(w->mem, 1, NULL);
+            nr = vb_track_inflate(w->mem, w->changed, n_changed, w->ranges, WORKER_MAX_PFNS);
+            n_ranges = nr > 0 ? (uint32_t)nr : 0;
+            /* Freed before the buffers go back: the guest may reuse a page
+             * only after it deflates it, and its deflate waits for our lock. */
+            free_now(w, n_ranges, &st, &measured, &flushed);
+            if (pending_before == 0 && vb_track_pending(w->mem, 1, NULL) > 0) {
+                notify = 1;   /* the session arms the flush deadline */
+            }
+        } else {
+            /* Deflate is sacred: these pages leave pending tracking before
+             * the buffer goes back, so nothing can free them any more. */
+            pending_dropped = vb_track_deflate(w->mem, w->changed, n_changed);
+        }
+        vb_vq_push_used(w->vq, w->heads, NULL, (uint32_t)popped);
+
+        pthread_mutex_lock(&w->counters_mu);
+        w->c.batches++;
+        w->c.buffers += (uint64_t)popped;
+        w->c.pfns += n_pfns;
+        w->c.changed += n_changed;
+        w->c.pending_dropped += pending_dropped;
+        w->c.invalid += n_invalid;
+        if (n_invalid) {
+            w->c.last_invalid_pfn = first_invalid;
+        }
+        w->c.unchanged += n_unchanged;
+        if (n_unchanged) {
+            w->c.last_unchanged_pfn = first_unchanged(w->mem, w->pfns, n_pfns, w->changed, n_changed);
+        }
+        w->c.flushes += (uint64_t)flushed;
+        w->c.freed_measured += measured;
+        if (st.bytes_failed) {
+            notify = 1;
+        }
+        discard_stats_add(&w->c.discard, &st);
+        pthread_mutex_unlock(&w->counters_mu);
+        if (n_invalid || n_unchanged || flushed) {
+            notify = 1;
+        }
+        if (vb_vq_should_signal(w->vq)) {
+            eventfd_signal(w->call_fd);
+            __atomic_add_fetch(&w->c.signals, 1, __ATOMIC_RELAXED);
+        }
+    }
+    vb_lock_release(w->lock);
+    return notify;
+}
+
+static void *worker_main(void *arg)
+{
+    vb_worker *w = arg;
+    struct pollfd fds[2] = {{.fd = w->kick_fd, .events = POLLIN}, {.fd = w->stop_fd, .events = POLLIN}};
+
+    for (;;) {
+        /* Buffers may be there before the first kick (a restarted ring). */
+        if (serve_available(w)) {
+            eventfd_signal(w->notify_fd);
+        }
+        if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE)) {
+            break;
+        }
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            break;   /* cannot happen with valid fds; the session sees the thread gone */
+        }
+        if (fds[1].revents) {
+            break;
+        }
+        if (fds[0].revents & POLLIN) {
+            uint64_t value;
+
+            if (read(w->kick_fd, &value, sizeof(value)) == (ssize_t)sizeof(value)) {
+                __atomic_add_fetch(&w->c.kicks, 1, __ATOMIC_RELAXED);
+            }
+        } else if (fds[0].revents) {   /* POLLERR/POLLNVAL: nothing more will come */
+            break;
+        }
+    }
+    __atomic_store_n(&w->stop, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+static void worker_release(vb_worker *w)
+{
+    int *fds[] = {&w->kick_fd, &w->call_fd, &w->notify_fd, &w->stop_fd};
+
+    for (size_t i = 0; i < sizeof(fds) / sizeof(fds[0]); i++) {
+        if (*fds[i] >= 0) {
+            close(*fds[i]);
+            *fds[i] = -1;
+        }
+    }
+    free(w->pfns);
+    free(w->changed);
+    free(w->heads);
+    free(w->ranges);
+    pthread_mutex_destroy(&w->counters_mu);
+    free(w);
+}
+
+static int dup_or_none(int fd)
+{
+    return fd < 0 ? -1 : fcntl(fd, F_DUPFD_CLOEXEC, 0);
+}
+
+vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
+                           int kick_fd, int call_fd, int notify_fd, uint64_t flush_pages,
+                           char *err, size_t errlen)
+{
+    vb_worker *w = calloc(1, sizeof(*w));
+    int rc;
+
+    if (w == NULL) {
+        vb_seterr(err, errlen, "out of memory for a queue worker");
+        return NULL;
+    }
+    w->mem = mem;
+    w->lock = lock;
+    w->vq = vq;
+    w->inflate = inflate ? 1 : 0;
+    w->flush_pages = flush_pages;
+    w->c.discard.failed_region = -1;
+    pthread_mutex_init(&w->counters_mu, NULL);
+    w->kick_fd = dup_or_none(kick_fd);
+    w->call_fd = dup_or_none(call_fd);
+    w->notify_fd = dup_or_none(notify_fd);
+    w->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    w->pfns = malloc(WORKER_MAX_PFNS * sizeof(*w->pfns));
+    w->changed = malloc(WORKER_MAX_PFNS * sizeof(*w->changed));
+    w->heads = malloc(WORKER_MAX_HEADS * sizeof(*w->heads));
+    w->ranges = malloc(WORKER_MAX_PFNS * sizeof(*w->ranges));
+    if (kick_fd < 0 || w->kick_fd < 0 || (call_fd >= 0 && w->call_fd < 0) ||
+        (notify_fd >= 0 && w->notify_fd < 0) || w->stop_fd < 0) {
+        vb_seterr(err, errlen, "queue worker: cannot duplicate its eventfds (kick %d, call %d): %s",
+                  kick_fd, call_fd, strerror(errno));
+        worker_release(w);
+        return NULL;
+    }
+    if (!w->pfns || !w->changed || !w->heads || !w->ranges) {
+        vb_seterr(err, errlen, "out of memory for a queue worker's buffers");
+        worker_release(w);
+        return NULL;
+    }
+    rc = pthread_create(&w->thread, NULL, worker_main, w);
+    if (rc != 0) {
+        vb_seterr(err, errlen, "cannot start a queue worker thread: %s", strerror(rc));
+        worker_release(w);
+        return NULL;
+    }
+    w->started = 1;
+    return w;
+}
+
+int vb_worker_set_call_fd(vb_worker *w, int call_fd)
+{
+    int fd = dup_or_none(call_fd);
+
+    if (call_fd >= 0 && fd < 0) {
+        return -1;
+    }
+    if (w->call_fd >= 0) {
+        close(w->call_fd);
+    }
+    w->call_fd = fd;
+    return 0;
+}
+
+void vb_worker_set_flush_pages(vb_worker *w, uint64_t pages)
+{
+    __atomic_store_n(&w->flush_pages, pages, __ATOMIC_RELAXED);
+}
+
+void vb_worker_get_counters(vb_worker *w, vb_worker_counters *out)
+{
+    pthread_mutex_lock(&w->counters_mu);
+    *out = w->c;
+    out->kicks = __atomic_load_n(&w->c.kicks, __ATOMIC_RELAXED);
+    out->signals = __atomic_load_n(&w->c.signals, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&w->counters_mu);
+    out->running = !__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE);
+}
+
+void vb_worker_request_stop(vb_worker *w)
+{
+    __atomic_store_n(&w->stop, 1, __ATOMIC_RELEASE);
+    eventfd_signal(w->stop_fd);
+}
+
+void vb_worker_join(vb_worker *w)
+{
+    if (w->started) {
+        vb_worker_request_stop(w);
+        pthread_join(w->thread, NULL);
+        w->started = 0;
+    }
+}
+
+void vb_worker_free(vb_worker *w)
+{
+    if (w == NULL) {
+        return;
+    }
+    vb_worker_join(w);
+    worker_release(w);
+}
