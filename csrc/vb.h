@@ -262,6 +262,24 @@ uint32_t vb_track_collect(vb_mem *mem, int region, vb_range *ranges, uint32_t ma
  * pending_since_ns of those regions (CLOCK_MONOTONIC), 0 if none pending. */
 uint64_t vb_track_pending(const vb_mem *mem, int collectable_only, uint64_t *oldest_ns);
 
+/* ---- state export / import (persist.c) ---------------------------------
+ * A region's ballooned bitmap and pending bitmap as raw words (bit p of
+ * word p / 64 is region page p); nwords must be exactly the region's
+ * bitmap size ((size / 4096 + 63) / 64).  The exports copy the bitmap and
+ * return how many pages are set (-1: bad region or nwords).  The imports
+ * are for a fresh region (after vb_mem_add and vb_track_configure, before
+ * any balloon update): vb_mem_import_ballooned sets the bitmap and counts
+ * the pages as ballooned and already freed (tracked, not pending);
+ * vb_track_import_pending then marks pages pending, only those ballooned
+ * and not pending yet, and restarts the pending clock.  They return the
+ * pages set, or -1 with err. */
+int64_t vb_mem_export_ballooned(const vb_mem *mem, uint32_t region, uint64_t *words, uint64_t nwords);
+int64_t vb_track_export_pending(const vb_mem *mem, uint32_t region, uint64_t *words, uint64_t nwords);
+int64_t vb_mem_import_ballooned(vb_mem *mem, uint32_t region, const uint64_t *words, uint64_t nwords,
+                                char *err, size_t errlen);
+int64_t vb_track_import_pending(vb_mem *mem, uint32_t region, const uint64_t *words, uint64_t nwords,
+                                char *err, size_t errlen);
+
 /* CDEF-END */
 
 #endif
