@@ -151,6 +151,10 @@ class PfnArray:
     def tolist(self) -> list[int]:
         return ffi.unpack(self.cdata, self.n) if self.n else []
 
+    def view(self):
+        """The PFNs in use as le32 bytes (a buffer over the C array, no copy)."""
+        return ffi.buffer(self.cdata, 4 * self.n)
+
     def __len__(self) -> int:
         return self.n
 
@@ -510,6 +514,53 @@ class GuestMemory:
     @property
     def pending_bytes(self) -> int:
         return self.pending()[0]
+
+    # -- state export / import (server/persist.py) ------------------------------------
+
+    def _bitmap_words(self, index: int) -> int:
+        mem = self._table()
+        if not 0 <= index < mem.nregions:
+            raise IndexError(f"region {index} out of range (table has {mem.nregions} regions)")
+        return ((mem.regions[index].size >> PAGE_SHIFT) + 63) // 64
+
+    def export_ballooned(self, index: int) -> bytes:
+        """Region `index`'s ballooned bitmap: le64 words, bit p = region page p."""
+        nwords = self._bitmap_words(index)
+        words = ffi.new("uint64_t[]", max(nwords, 1))
+        if lib.vb_mem_export_ballooned(self._table(), index, words, nwords) < 0:
+            raise MemoryTableError(f"region {index}: ballooned bitmap export refused")
+        return bytes(ffi.buffer(words, nwords * 8))
+
+    def export_pending(self, index: int) -> bytes:
+        """Region `index`'s pending bitmap (all zero without huge page tracking)."""
+        nwords = self._bitmap_words(index)
+        words = ffi.new("uint64_t[]", max(nwords, 1))
+        if lib.vb_track_export_pending(self._table(), index, words, nwords) < 0:
+            raise MemoryTableError(f"region {index}: pending bitmap export refused")
+        return bytes(ffi.buffer(words, nwords * 8))
+
+    def _import(self, fn, index: int, bitmap: bytes, what: str) -> int:
+        nwords = self._bitmap_words(index)
+        if len(bitmap) != nwords * 8:
+            raise MemoryTableError(f"region {index}: {what} bitmap of {len(bitmap)} bytes, expected {nwords * 8}")
+        words = ffi.new("uint64_t[]", max(nwords, 1))
+        ffi.memmove(words, bitmap, len(bitmap))
+        err = _errbuf()
+        count = fn(self._table(), index, words, nwords, err, _ERRLEN)
+        if count < 0:
+            raise MemoryTableError(_errtext(err))
+        return count
+
+    def import_ballooned(self, index: int, bitmap: bytes) -> int:
+        """Mark region `index`'s pages ballooned as ``bitmap`` says (a fresh
+        region only; after configure_huge_pages).  They count as freed
+        already, not pending.  Returns the pages now ballooned."""
+        return self._import(lib.vb_mem_import_ballooned, index, bitmap, "ballooned")
+
+    def import_pending(self, index: int, bitmap: bytes) -> int:
+        """Mark ballooned pages of region `index` pending again (after
+        import_ballooned).  Returns how many became pending."""
+        return self._import(lib.vb_track_import_pending, index, bitmap, "pending")
 
 
 class Virtqueue:
