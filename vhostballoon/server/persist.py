@@ -145,7 +145,10 @@ def _pack_bitmap(bitmap: bytes) -> str:
 
 
 def _unpack_bitmap(text: str, size: int) -> bytes:
-    data = zlib.decompress(base64.b64decode(text, validate=True))
+    try:
+        data = zlib.decompress(base64.b64decode(text, validate=True))
+    except (ValueError, TypeError, zlib.error) as exc:
+        raise PersistError(f"bitmap does not decode: {exc}") from None
     if len(data) != size:
         raise PersistError(f"bitmap of {len(data)} bytes, expected {size}")
     return data
