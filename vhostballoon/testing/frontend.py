@@ -587,7 +587,10 @@ class Frontend:
 
     async def _receive_reply(self, what: str) -> Message:
         with trio.move_on_after(self.reply_timeout) as scope:
-            message = await self._front.receive_message()
+            try:
+                message = await self._front.receive_message()
+            except OSError as exc:  # e.g. ECONNRESET: the back-end died with our request unread
+                raise FrontendError(f"{what}: the back-end connection failed: {exc}") from exc
         if scope.cancelled_caught:
             raise FrontendError(f"{what}: no reply from the back-end within {self.reply_timeout} s")
         if message is None:
