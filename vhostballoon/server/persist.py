@@ -400,6 +400,7 @@ class SessionPersistence:
         return out
 
     def _forget_all(self) -> None:
+        self._refree_later = []
         for r in self.memory.regions:
             first = r.gpa >> PAGE_SHIFT
             update = self.memory.balloon_update(

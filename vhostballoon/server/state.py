@@ -5,9 +5,11 @@ file, fsync it, rename it over the old one, fsync the directory): a crash at
 any moment leaves either the old or the new file, never a torn one. It is
 written when the operator changes something, never per buffer.
 
-What is kept: the target. (Ballooned-page tracking is not kept yet: after a
-restart the guest's balloon is known again from its ``actual`` and the pages
-it deflates; pages in flight when the back-end died may stay allocated.)
+What is kept here: the target, in ``state.json``.  The same directory holds
+the balloon's page state (ballooned pages, pending partial huge pages, the
+guest's ``actual``): ``pages.json`` and ``pages.journal``, written by
+server/persist.py, which also says what a restart does and does not bring
+back.  ``atomic_write`` is the one way both write a file.
 """
 
 from __future__ import annotations
