@@ -36,6 +36,15 @@ balloon is emptied (device reset, guest reboot), and at session end
 the journal; then the journal is rewound.  Killed between the two, the
 journal's records carry the old epoch and are ignored.
 
+Cost, measured on this 2-core machine (Python 3.11, state directory on
+the worktree's filesystem): a journal append is 4 µs (p99 16 µs) per
+256-PFN buffer.  A snapshot is 1.1 ms and 0.8 KiB for a 1 GiB guest whose
+balloon is one run, 2.3 ms and 86 KiB for 1 GiB with every other page
+ballooned at random (the worst case for the bitmaps: 2 x 32 KiB per GiB
+before base64), 31 ms and 1.4 MB for 16 GiB at random.  It runs on the
+event loop with the memory lock held, at most every ``snapshot_interval``
+and when the 4 MiB journal fills (16 GiB of balloon movement).
+
 The rule that matters most: **a page the guest took back is never freed
 after a restore.**  A deflate batch is journaled before its buffer goes
 back to the guest, and the guest touches no page before that (Linux
