@@ -111,6 +111,7 @@ struct vb_worker {
     int kick_fd, call_fd, notify_fd, stop_fd;   /* our own duplicates */
     uint64_t flush_pages;   /* atomic: collect pending pages at this many; 0 never */
     int stop;               /* atomic: leave at the next batch boundary */
+    vb_journal *journal;
     pthread_t thread;
     int started;
     pthread_mutex_t counters_mu;
@@ -238,6 +239,51 @@ static void free_now(vb_worker *w, uint32_t n, vb_discard_stats *st, uint64_t *m
     free(extra);
 }
 
+/* Persist.py's record kinds. */
+#define JOURNAL_INFLATE 1
+#define JOURNAL_DEFLATE 2
+#define JOURNAL_COLLECT 3
+
+static int journal_record(vb_worker *w, uint32_t kind, const uint32_t *values, uint32_t n)
+{
+    int rc;
+
+    /* Full: only a snapshot makes room, and the session takes it under the
+     * lock.  Wait with the lock released (the popped buffers stay with us);
+     * a stop request ends the wait (the session's last snapshot at close
+     * then covers the batch). */
+    while ((rc = vb_journal_append(w->journal, kind, values, n)) < 0) {
+        if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE)) {
+            return 0;
+        }
+        pthread_mutex_lock(&w->counters_mu);
+        w->c.journal_waits++;
+        pthread_mutex_unlock(&w->counters_mu);
+        eventfd_signal(w->notify_fd);
+        vb_lock_release(w->lock);
+        {
+            struct timespec ts = {0, 1000000};
+            nanosleep(&ts, NULL);
+        }
+        vb_lock_acquire(w->lock);
+    }
+    return rc;
+}
+
+/* 1 when the session should snapshot soon. */
+static int journal_batch(vb_worker *w, uint32_t n_changed, int flushed)
+{
+    int half = 0;
+
+    if (n_changed) {
+        half |= journal_record(w, w->inflate ? JOURNAL_INFLATE : JOURNAL_DEFLATE, w->changed, n_changed) > 0;
+    }
+    if (flushed) {
+        half |= journal_record(w, JOURNAL_COLLECT, NULL, 0) > 0;
+    }
+    return half;
+}
+
 /* Serves every buffer available now, batch by batch.  Returns 1 when the
  * session should look (something to log, a ring broken, pending pages
  * appeared), 0 otherwise.  Takes and releases the lock. */
@@ -293,6 +339,13 @@ static int serve_available(vb_worker *w)
              * the buffer goes back, so nothing can free them any more. */
             pending_dropped = vb_track_deflate(w->mem, w->changed, n_changed);
         }
+        if (w->journal != NULL && (n_changed || flushed)) {
+            /* Journaled before the guest sees the buffers back: a page it
+             * deflates is never freed after a restart (persist.py). */
+            if (journal_batch(w, n_changed, flushed)) {
+                notify = 1;
+            }
+        }
         vb_vq_push_used(w->vq, w->heads, NULL, (uint32_t)popped);
 
         pthread_mutex_lock(&w->counters_mu);
@@ -328,16 +381,33 @@ static int serve_available(vb_worker *w)
     return notify;
 }
 
+/* A kick that brought no buffer costs a lock round and a pop; a guest that
+ * floods kicks would keep both workers spinning (two cores).  After such a
+ * kick the worker pauses this long: a flood then costs each worker a small
+ * fraction of a core, and a real kick, which always follows new buffers, waits at most
+ * this much more (scripts/faults/kick_flood.py). */
+#define SPURIOUS_KICK_PAUSE_NS 200000
+
 static void *worker_main(void *arg)
 {
     vb_worker *w = arg;
     struct pollfd fds[2] = {{.fd = w->kick_fd, .events = POLLIN}, {.fd = w->stop_fd, .events = POLLIN}};
+    int kicked = 0;
 
     for (;;) {
+        uint64_t buffers_before = __atomic_load_n(&w->c.buffers, __ATOMIC_RELAXED);
+
         /* Buffers may be there before the first kick (a restarted ring). */
         if (serve_available(w)) {
             eventfd_signal(w->notify_fd);
         }
+        if (kicked && __atomic_load_n(&w->c.buffers, __ATOMIC_RELAXED) == buffers_before) {
+            struct timespec ts = {0, SPURIOUS_KICK_PAUSE_NS};
+
+            __atomic_add_fetch(&w->c.spurious_kicks, 1, __ATOMIC_RELAXED);
+            nanosleep(&ts, NULL);
+        }
+        kicked = 0;
         if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE)) {
             break;
         }
@@ -355,6 +425,7 @@ static void *worker_main(void *arg)
 
             if (read(w->kick_fd, &value, sizeof(value)) == (ssize_t)sizeof(value)) {
                 __atomic_add_fetch(&w->c.kicks, 1, __ATOMIC_RELAXED);
+                kicked = 1;
             }
         } else if (fds[0].revents) {   /* POLLERR/POLLNVAL: nothing more will come */
             break;
@@ -389,7 +460,7 @@ static int dup_or_none(int fd)
 
 vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
                            int kick_fd, int call_fd, int notify_fd, uint64_t flush_pages,
-                           char *err, size_t errlen)
+                           vb_journal *journal, char *err, size_t errlen)
 {
     vb_worker *w = calloc(1, sizeof(*w));
     int rc;
@@ -403,6 +474,7 @@ vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
     w->vq = vq;
     w->inflate = inflate ? 1 : 0;
     w->flush_pages = flush_pages;
+    w->journal = journal;
     w->c.discard.failed_region = -1;
     pthread_mutex_init(&w->counters_mu, NULL);
     w->kick_fd = dup_or_none(kick_fd);
@@ -449,6 +521,11 @@ int vb_worker_set_call_fd(vb_worker *w, int call_fd)
     return 0;
 }
 
+void vb_worker_set_journal(vb_worker *w, vb_journal *journal)
+{
+    w->journal = journal;
+}
+
 void vb_worker_set_flush_pages(vb_worker *w, uint64_t pages)
 {
     __atomic_store_n(&w->flush_pages, pages, __ATOMIC_RELAXED);
@@ -460,6 +537,7 @@ void vb_worker_get_counters(vb_worker *w, vb_worker_counters *out)
     *out = w->c;
     out->kicks = __atomic_load_n(&w->c.kicks, __ATOMIC_RELAXED);
     out->signals = __atomic_load_n(&w->c.signals, __ATOMIC_RELAXED);
+    out->spurious_kicks = __atomic_load_n(&w->c.spurious_kicks, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&w->counters_mu);
     out->running = !__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE);
 }

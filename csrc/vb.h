@@ -262,12 +262,45 @@ uint32_t vb_track_collect(vb_mem *mem, int region, vb_range *ranges, uint32_t ma
  * pending_since_ns of those regions (CLOCK_MONOTONIC), 0 if none pending. */
 uint64_t vb_track_pending(const vb_mem *mem, int collectable_only, uint64_t *oldest_ns);
 
+/* ---- state export / import (persist.c) ---------------------------------
+ * A region's ballooned bitmap and pending bitmap as raw words (bit p of
+ * word p / 64 is region page p); nwords must be exactly the region's
+ * bitmap size ((size / 4096 + 63) / 64).  The exports copy the bitmap and
+ * return how many pages are set (-1: bad region or nwords).  The imports
+ * are for a fresh region (after vb_mem_add and vb_track_configure, before
+ * any balloon update): vb_mem_import_ballooned sets the bitmap and counts
+ * the pages as ballooned and already freed (tracked, not pending);
+ * vb_track_import_pending then marks pages pending, only those ballooned
+ * and not pending yet, and restarts the pending clock.  They return the
+ * pages set, or -1 with err. */
+int64_t vb_mem_export_ballooned(const vb_mem *mem, uint32_t region, uint64_t *words, uint64_t nwords);
+int64_t vb_track_export_pending(const vb_mem *mem, uint32_t region, uint64_t *words, uint64_t nwords);
+int64_t vb_mem_import_ballooned(vb_mem *mem, uint32_t region, const uint64_t *words, uint64_t nwords,
+                                char *err, size_t errlen);
+int64_t vb_track_import_pending(vb_mem *mem, uint32_t region, const uint64_t *words, uint64_t nwords,
+                                char *err, size_t errlen);
+
 /* Fault injection, for scripts/faults/ only: every vb_discard_ranges call
  * first sleeps delay_ns and, with record, logs its CLOCK_MONOTONIC start and
  * end and its bytes (up to 4096 calls; the call clears the log).
  * vb_fault_discard_log copies at most max entries, returns how many. */
 void vb_fault_discard(uint64_t delay_ns, int record);
 uint32_t vb_fault_discard_log(uint64_t *start_ns, uint64_t *end_ns, uint64_t *bytes, uint32_t max);
+
+/* ---- page journal (persist.c) --------------------------------------------
+ * Records appended to a MAP_SHARED file mapping the caller owns (layout in
+ * vhostballoon/server/persist.py).  Appends are serialised by the
+ * journal's own mutex, so workers and the session may both append.
+ * vb_journal_append returns 0, 1 when the journal is now more than half
+ * full (time for a snapshot), -1 when the record does not fit (nothing
+ * written).  vb_crc32 is zlib's crc32. */
+typedef struct vb_journal vb_journal;
+vb_journal *vb_journal_new(uint8_t *base, uint64_t size);
+void vb_journal_free(vb_journal *j);
+void vb_journal_rewind(vb_journal *j, uint64_t epoch);
+uint64_t vb_journal_offset(vb_journal *j);
+int vb_journal_append(vb_journal *j, uint32_t kind, const uint32_t *values, uint32_t count);
+uint32_t vb_crc32(uint32_t crc, const uint8_t *data, uint64_t len);
 
 /* ---- queue workers (serve.c) ---------------------------------------------
  * One thread per inflate or deflate queue serves everything the guest makes
@@ -282,6 +315,7 @@ typedef struct vb_worker vb_worker;
 
 typedef struct vb_worker_counters {
     uint64_t kicks;             /* kick eventfd reads */
+    uint64_t spurious_kicks;    /* kicks that brought no buffer (the worker paused after each) */
     uint64_t batches;           /* pops that returned buffers */
     uint64_t buffers;           /* buffers returned to the used ring */
     uint64_t pfns;              /* PFNs received */
@@ -294,6 +328,7 @@ typedef struct vb_worker_counters {
     uint64_t signals;           /* call eventfd writes */
     uint64_t flushes;           /* pending pages collected at the flush threshold */
     uint64_t freed_measured;    /* bytes the backing files shrank by across our discards */
+    uint64_t journal_waits;     /* batches that waited for a snapshot (journal full) */
     vb_discard_stats discard;   /* cumulative; last_errno/failed_region: the latest failure */
     int broken;                 /* the ring was malformed: the worker stopped (error says why) */
     int running;                /* no stop requested or taken yet */
@@ -313,7 +348,12 @@ void vb_lock_release(vb_lock *l);
  * pending (0: never; the session handles deadlines).  NULL on failure (err). */
 vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
                            int kick_fd, int call_fd, int notify_fd, uint64_t flush_pages,
-                           char *err, size_t errlen);
+                           vb_journal *journal, char *err, size_t errlen);
+/* journal (NULL: none), here or later: from now on every batch's flipped PFNs (and a flush that came with it)
+ * go to journal before the batch's buffers go back (NULL: none).  Hold
+ * the lock.  A full journal makes the worker wait, lock released, for the
+ * session's snapshot (it is notified). */
+void vb_worker_set_journal(vb_worker *w, vb_journal *journal);
 /* Replaces the call eventfd (duplicated; -1: none).  Hold the lock.  -1 if dup failed. */
 int vb_worker_set_call_fd(vb_worker *w, int call_fd);
 void vb_worker_set_flush_pages(vb_worker *w, uint64_t pages);

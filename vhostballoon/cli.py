@@ -10,6 +10,7 @@ import sys
 from . import __version__
 from .device.features import FeatureSpecError, feature_names, parse_feature_spec, queue_roles
 from .device.stats import DEFAULT_STATS_INTERVAL
+from .server.state import DEFAULT_SNAPSHOT_INTERVAL
 
 DAEMON_DESCRIPTION = """\
 A vhost-user virtio-balloon back-end. QEMU connects to --socket-path (or to the
@@ -80,8 +81,18 @@ def _daemon_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--state-dir",
         metavar="DIR",
-        help="where the operator's target is kept across restarts "
-        "(default: the socket path with '.state' appended; 'none' keeps nothing)",
+        help="where the operator's target and the balloon's page state (ballooned pages, pending "
+        "partial huge pages) are kept, so that a back-end killed and restarted while QEMU reconnects "
+        "carries on (default: the socket path with '.state' appended; 'none' keeps nothing). "
+        "README: 'Restarting the back-end' says what is and is not recovered",
+    )
+    p.add_argument(
+        "--snapshot-interval",
+        type=_seconds,
+        default=DEFAULT_SNAPSHOT_INTERVAL,
+        metavar="SECONDS",
+        help=f"rewrite the page snapshot in --state-dir this often while the balloon changes "
+        f"(default {DEFAULT_SNAPSHOT_INTERVAL:g}; changes in between are kept by a journal)",
     )
     p.add_argument(
         "--huge-policy",
@@ -152,7 +163,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, args.log_level)
     log = structlog.get_logger("vhostballoon")
     state_dir = args.state_dir or (f"{args.socket_path}.state" if args.socket_path else None)
-    state = StateStore(state_dir) if state_dir and state_dir != "none" else None
+    state = StateStore(state_dir, snapshot_interval=args.snapshot_interval) if state_dir and state_dir != "none" else None
     try:
         flush_policy = FlushPolicy(HugePolicy(args.huge_policy), parse_size(args.flush_bytes), args.flush_after)
     except ValueError as exc:

@@ -151,6 +151,10 @@ class PfnArray:
     def tolist(self) -> list[int]:
         return ffi.unpack(self.cdata, self.n) if self.n else []
 
+    def view(self):
+        """The PFNs in use as le32 bytes (a buffer over the C array, no copy)."""
+        return ffi.buffer(self.cdata, 4 * self.n)
+
     def __len__(self) -> int:
         return self.n
 
@@ -511,6 +515,53 @@ class GuestMemory:
     def pending_bytes(self) -> int:
         return self.pending()[0]
 
+    # -- state export / import (server/persist.py) ------------------------------------
+
+    def _bitmap_words(self, index: int) -> int:
+        mem = self._table()
+        if not 0 <= index < mem.nregions:
+            raise IndexError(f"region {index} out of range (table has {mem.nregions} regions)")
+        return ((mem.regions[index].size >> PAGE_SHIFT) + 63) // 64
+
+    def export_ballooned(self, index: int) -> bytes:
+        """Region `index`'s ballooned bitmap: le64 words, bit p = region page p."""
+        nwords = self._bitmap_words(index)
+        words = ffi.new("uint64_t[]", max(nwords, 1))
+        if lib.vb_mem_export_ballooned(self._table(), index, words, nwords) < 0:
+            raise MemoryTableError(f"region {index}: ballooned bitmap export refused")
+        return bytes(ffi.buffer(words, nwords * 8))
+
+    def export_pending(self, index: int) -> bytes:
+        """Region `index`'s pending bitmap (all zero without huge page tracking)."""
+        nwords = self._bitmap_words(index)
+        words = ffi.new("uint64_t[]", max(nwords, 1))
+        if lib.vb_track_export_pending(self._table(), index, words, nwords) < 0:
+            raise MemoryTableError(f"region {index}: pending bitmap export refused")
+        return bytes(ffi.buffer(words, nwords * 8))
+
+    def _import(self, fn, index: int, bitmap: bytes, what: str) -> int:
+        nwords = self._bitmap_words(index)
+        if len(bitmap) != nwords * 8:
+            raise MemoryTableError(f"region {index}: {what} bitmap of {len(bitmap)} bytes, expected {nwords * 8}")
+        words = ffi.new("uint64_t[]", max(nwords, 1))
+        ffi.memmove(words, bitmap, len(bitmap))
+        err = _errbuf()
+        count = fn(self._table(), index, words, nwords, err, _ERRLEN)
+        if count < 0:
+            raise MemoryTableError(_errtext(err))
+        return count
+
+    def import_ballooned(self, index: int, bitmap: bytes) -> int:
+        """Mark region `index`'s pages ballooned as ``bitmap`` says (a fresh
+        region only; after configure_huge_pages).  They count as freed
+        already, not pending.  Returns the pages now ballooned."""
+        return self._import(lib.vb_mem_import_ballooned, index, bitmap, "ballooned")
+
+    def import_pending(self, index: int, bitmap: bytes) -> int:
+        """Mark ballooned pages of region `index` pending again (after
+        import_ballooned).  Returns how many became pending."""
+        return self._import(lib.vb_track_import_pending, index, bitmap, "pending")
+
 
 class Virtqueue:
     """Device side of one split virtqueue carrying le32 PFN arrays.
@@ -728,6 +779,7 @@ class WorkerCounters:
     """Totals of one queue worker since it started (vb_worker_counters)."""
 
     kicks: int = 0
+    spurious_kicks: int = 0
     batches: int = 0
     buffers: int = 0
     pfns: int = 0
@@ -743,6 +795,7 @@ class WorkerCounters:
     discard: DiscardStats = field(default_factory=DiscardStats)
     broken: str | None = None
     running: bool = False
+    journal_waits: int = 0
 
     def minus(self, earlier: WorkerCounters) -> WorkerCounters:
         """What happened since ``earlier`` (the discard failure fields are the latest)."""
@@ -753,12 +806,13 @@ class WorkerCounters:
             discard.last_errno, discard.failed_region = self.discard.last_errno, self.discard.failed_region
         counts = {
             name: getattr(self, name) - getattr(earlier, name)
-            for name in ("kicks", "batches", "buffers", "pfns", "changed", "invalid", "unchanged",
+            for name in ("kicks", "spurious_kicks", "batches", "buffers", "pfns", "changed", "invalid", "unchanged",
                          "pending_dropped", "signals", "flushes", "freed_measured")
         }
         return WorkerCounters(**counts, last_invalid_pfn=self.last_invalid_pfn,
                               last_unchanged_pfn=self.last_unchanged_pfn, discard=discard,
-                              broken=self.broken, running=self.running)
+                              broken=self.broken, running=self.running,
+                              journal_waits=self.journal_waits - earlier.journal_waits)
 
 
 class QueueWorker:
@@ -772,7 +826,8 @@ class QueueWorker:
     longer touches the queue) join() in a thread, then free()."""
 
     def __init__(self, mem: GuestMemory, lock: NativeLock, vq: Virtqueue, *, inflate: bool,
-                 kick_fd: int, call_fd: int | None, notify_fd: int | None, flush_pages: int) -> None:
+                 kick_fd: int, call_fd: int | None, notify_fd: int | None, flush_pages: int,
+                 journal: PageJournal | None = None) -> None:
         vq._check_mapped()
         if mem is not vq._mem:
             raise vq._fail("worker started with a different memory table than setup")
@@ -780,12 +835,13 @@ class QueueWorker:
         worker = lib.vb_worker_start(
             mem._table(), lock._lock, vq._vq, 1 if inflate else 0, kick_fd,
             -1 if call_fd is None else call_fd, -1 if notify_fd is None else notify_fd,
-            flush_pages, err, _ERRLEN,
+            flush_pages, ffi.NULL if journal is None else journal._journal, err, _ERRLEN,
         )
         if worker == ffi.NULL:
             raise vq._fail(_errtext(err))
         self._worker = worker
         self._keep = (mem, lock, vq)
+        self._journal = journal  # kept alive while the worker may append
         self._counters = ffi.new("vb_worker_counters *")
         self.inflate = inflate
         self.index = vq.index
@@ -798,16 +854,22 @@ class QueueWorker:
     def set_flush_pages(self, pages: int) -> None:
         lib.vb_worker_set_flush_pages(self._worker, pages)
 
+    def set_journal(self, journal: PageJournal | None) -> None:
+        """Hold the lock.  Every batch is journaled before its buffers go back."""
+        lib.vb_worker_set_journal(self._worker, ffi.NULL if journal is None else journal._journal)
+        self._journal = journal  # kept alive while the worker may append
+
     def counters(self) -> WorkerCounters:
         c = self._counters
         lib.vb_worker_get_counters(self._worker, c)
         return WorkerCounters(
-            kicks=c.kicks, batches=c.batches, buffers=c.buffers, pfns=c.pfns, changed=c.changed,
+            kicks=c.kicks, spurious_kicks=c.spurious_kicks, batches=c.batches, buffers=c.buffers, pfns=c.pfns, changed=c.changed,
             invalid=c.invalid, last_invalid_pfn=c.last_invalid_pfn, unchanged=c.unchanged,
             last_unchanged_pfn=c.last_unchanged_pfn, pending_dropped=c.pending_dropped,
             signals=c.signals, flushes=c.flushes, freed_measured=c.freed_measured,
             discard=DiscardStats._from_c(c.discard),
             broken=_errtext(c.error) if c.broken else None, running=bool(c.running),
+            journal_waits=c.journal_waits,
         )
 
     def request_stop(self) -> None:
@@ -844,3 +906,44 @@ def fault_discard_log() -> list[tuple[float, float, int]]:
     size = ffi.new("uint64_t[]", _FAULT_LOG_MAX)
     n = lib.vb_fault_discard_log(start, end, size, _FAULT_LOG_MAX)
     return [(start[i] / 1e9, end[i] / 1e9, size[i]) for i in range(n)]
+
+
+class PageJournal:
+    """Appends page-journal records (csrc/persist.c) to a writable buffer
+    the caller owns, e.g. a MAP_SHARED mmap; the C queue workers append to
+    the same journal (QueueWorker.set_journal).  Call close() before the
+    buffer is closed."""
+
+    def __init__(self, buffer) -> None:
+        self._buf = ffi.from_buffer("uint8_t[]", buffer, require_writable=True)
+        self.size = len(self._buf)
+        self._journal = lib.vb_journal_new(self._buf, self.size)
+        if self._journal == ffi.NULL:
+            raise MemoryError("vb_journal_new")
+
+    def rewind(self, epoch: int) -> None:
+        lib.vb_journal_rewind(self._journal, epoch)
+
+    @property
+    def offset(self) -> int:
+        return lib.vb_journal_offset(self._journal)
+
+    def append(self, kind: int, values: bytes | PfnArray = b"") -> int:
+        """0 done, 1 done and more than half full, -1 does not fit (nothing written)."""
+        if isinstance(values, PfnArray):
+            return lib.vb_journal_append(self._journal, kind, values.cdata, values.n)
+        if len(values) % 4:
+            raise ValueError(f"journal values of {len(values)} bytes are not le32 words")
+        data = ffi.from_buffer("uint32_t[]", values) if values else ffi.NULL
+        return lib.vb_journal_append(self._journal, kind, data, len(values) // 4)
+
+    def close(self) -> None:
+        if self._journal is not None:
+            lib.vb_journal_free(self._journal)
+            self._journal = None
+            ffi.release(self._buf)
+
+
+def crc32(data: bytes, crc: int = 0) -> int:
+    """zlib's CRC-32, as the C journal computes it (for tests)."""
+    return lib.vb_crc32(crc, data, len(data))

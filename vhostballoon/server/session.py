@@ -63,6 +63,7 @@ from ..native import (
 from ..vhost_user import connection as vu
 from ..vhost_user.constants import VHOST_USER_F_PROTOCOL_FEATURES, BackendRequest, ProtocolFeature
 from ..vhost_user.errors import ProtocolError
+from .persist import SessionPersistence
 from .transport import FdStream, TransportError, close_fds
 
 log = structlog.get_logger("vhostballoon.session")
@@ -164,6 +165,7 @@ class FrontendSession:
         self.backend_lock = trio.Lock()
         self.nursery: trio.Nursery | None = None
         self.huge = HugePageTracker(self.memory, service.flush_policy)
+        self.persist = SessionPersistence.for_service(service, self.memory, self.huge)
         self._flush_timer_armed = False
         self._failed_regions_reported: set[int] = set()
         self._stats_wakeup = trio.Event()
@@ -198,6 +200,7 @@ class FrontendSession:
                 self.nursery = nursery
                 nursery.start_soon(self._stats_timer)
                 nursery.start_soon(self._notify_loop)
+                nursery.start_soon(self._snapshot_timer)
                 try:
                     await self._receive_loop()
                 finally:
@@ -226,6 +229,7 @@ class FrontendSession:
             self.backend_channel.close()
             self.backend_channel = None
         self.conn.close()
+        self.persist.close()  # no task is left: the last snapshot sees a quiet table
         self.memory.close()
         self.stream.close()
 
@@ -355,6 +359,7 @@ class FrontendSession:
                     log.warning("ring no longer in guest memory", queue=q.index, error=str(exc))
         if self.device.refresh_num_pages():
             self._notify_config_change()
+        self.persist.snapshot("memory table changed")
 
     def _describe_regions(self) -> list[dict]:
         return [{"gpa": hex(r.gpa), "size": r.size, "mmap_offset": hex(r.mmap_offset)} for r in self.memory.regions]
@@ -415,6 +420,7 @@ class FrontendSession:
             every_page = PfnArray.from_list(range(first, first + (r.size >> PAGE_SHIFT)))
             update = self.memory.balloon_update(every_page, inflate=False)
             self.huge.deflated(update.changed)
+        self.persist.snapshot("balloon emptied")
         return released
 
     async def _on_vring_addr(self, ev: vu.VringAddrSet) -> None:
@@ -453,6 +459,7 @@ class FrontendSession:
             log.warning("queue without a kick fd (polling) is not served", queue=q.index)
         if not self.conn.acked_features & VHOST_USER_F_PROTOCOL_FEATURES:
             q.enabled = True  # vhost-user.rst: rings start enabled without protocol features
+        await self._start_persistence(q)
         self._maybe_start(q)
 
     async def _on_vring_call(self, ev: vu.VringCallSet) -> None:
@@ -470,6 +477,7 @@ class FrontendSession:
         q = self.queues[ev.index]
         q.enabled = ev.enabled
         if ev.enabled:
+            await self._start_persistence(q)
             self._maybe_start(q)
         else:
             self._stop_worker(q)
@@ -497,6 +505,7 @@ class FrontendSession:
                     self.memory, self.memory_lock.native, q.vq, inflate=role is QueueRole.INFLATE,
                     kick_fd=q.kick_fd, call_fd=q.call_fd, notify_fd=self._notify_fd,
                     flush_pages=flush_threshold_pages(self.huge.policy),
+                    journal=self.persist.native_journal,
                 )
             except RingError as exc:
                 log.error("queue not started", queue=q.index, error=str(exc))
@@ -570,6 +579,9 @@ class FrontendSession:
                 continue
             self.absorb_queue_work()
             self._arm_flush_timer()
+            if self.persist.snapshot_soon():
+                async with self.memory_lock:
+                    self.persist.snapshot("journal half full")
 
     def broken_queues(self) -> dict[int, str]:
         return {q.index: q.broken for q in self.queues if q.broken}
@@ -755,6 +767,7 @@ class FrontendSession:
                 if len(ranges):
                     splits_before = self.device.counters.discard.splits
                     await self._discard(ranges)
+                    self.persist.record_collect()
                     log.info(
                         "pending partial huge pages freed",
                         reason=reason,
@@ -776,6 +789,45 @@ class FrontendSession:
         await trio.sleep(delay)
         self._flush_timer_armed = False
         await self.flush_pending("deadline")
+
+    # -- page state on disk (persist.py) -------------------------------------------
+
+    async def _start_persistence(self, q: QueueState) -> None:
+        """When the inflate or deflate queue first starts (memory table and
+        ring bases known, nothing served yet): bring back the saved page
+        state if it is this guest's, then record every change."""
+        if self.persist.started or self.device.role_of(q.index) not in (QueueRole.INFLATE, QueueRole.DEFLATE):
+            return
+        if not (q.enabled and q.kick_fd is not None and q.vq.ready and not q.broken):
+            return
+        inflate = self._queue_of(QueueRole.INFLATE)
+        base = inflate.base if inflate is not None else 0
+        async with self.memory_lock:
+            with trio.CancelScope(shield=True):
+                restored = self.persist.restore(inflate_base=base)
+                if restored is not None:
+                    if len(restored.refree):
+                        await self._discard(restored.refree)
+                    if restored.actual is not None:
+                        self.device.config.actual = restored.actual
+                self.persist.start(inflate_base=base, actual=self.device.config.actual)
+        if restored is not None:
+            log.info(
+                "page state restored from the state directory",
+                ballooned_pages=restored.ballooned_pages, pending_bytes=restored.pending_bytes,
+                journal_records=restored.journal_records, actual_pages=self.device.config.actual,
+                freed_again_bytes=restored.refree.total_bytes, path=str(self.persist.store.directory),
+            )
+            if self.nursery is not None:
+                self.nursery.start_soon(self.flush_pending, "restored")
+
+    async def _snapshot_timer(self) -> None:
+        """Rewrite the page snapshot every snapshot_interval while something changed."""
+        while True:
+            await trio.sleep(max(self.persist.snapshot_interval, 0.05))
+            if self.persist.snapshot_due():
+                async with self.memory_lock:
+                    self.persist.snapshot("interval")
 
     def set_flush_policy(self, policy: FlushPolicy) -> None:
         self.huge.policy = policy
@@ -829,6 +881,7 @@ class FrontendSession:
                                 if write.poison_val else "discarded"),
             )
         if write.actual_changed:
+            self.persist.record_actual(write.new_actual)
             actual = self.device.actual_bytes
             log.debug("guest balloon size", actual_pages=write.new_actual, num_pages=self.device.config.num_pages)
             unasked = self.device.counters.pages_deflated_unasked - unasked_before

@@ -201,6 +201,9 @@ class Frontend:
         self.started_queues: list[int] = []
         self.config_change_msgs = 0
         self.backend_channel_error: Exception | None = None
+        # Config reads and writes go on when the back-end is gone (see
+        # get_config): for a guest that outlives its back-end (reconnect).
+        self.survive_backend_loss = False
         self._lock = trio.Lock()  # one request/reply exchange at a time (QEMU holds the BQL)
         self._kick_fds: dict[int, int] = {}
         self._call_fds: dict[int, int] = {}
@@ -317,6 +320,60 @@ class Frontend:
             self._call_fds[index] = call
             await self._set_vring_fd(Request.SET_VRING_CALL, index, call)
 
+    # -- the back-end restarted: reconnect under the running guest ------------
+
+    async def reconnect(self, path: str | os.PathLike[str], ram: GuestRAM, queues: Sequence[DriverVirtqueue]) -> None:
+        """A new back-end listens on ``path`` (the old one died): connect
+        and start it under the running guest, as QEMU's vhost-user
+        reconnect does (``-chardev ...,reconnect-ms=N``; QEMU 10.2's
+        generic device aborts there, so this is how it is meant to go).
+
+        ``initialize()`` again, then the start-up sequence with what the
+        guest has now: its acked features, its memory, its rings where
+        they are.  Each ring's base is its used index (QEMU's
+        ``virtio_queue_restore_last_avail_idx`` after a lost back-end): a
+        buffer the dead back-end popped but never returned is served
+        again.  The kick and call eventfds stay the same (they are KVM's
+        ioeventfd and irqfd), so a driver waiting for a buffer just goes on.
+        Serve the new backend channel afterwards (``serve_backend_channel``)."""
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await sock.connect(os.fspath(path))
+        except BaseException:
+            sock.close()
+            raise
+        async with self._lock:
+            self._front.close()
+            if self._backend is not None:
+                self._backend.close()
+                self._backend = None
+            self._front = _FdSocket(sock, MessageDecoder.for_replies(), Channel.FRONT)
+        self.protocol_features = 0
+        self.started_queues = []
+        await self.initialize()
+        backend_only = self.backend_features & PROTOCOL_FEATURES_BIT
+        await self.request(Request.SET_FEATURES, U64(self.acked_features | backend_only))
+        if self.has_protocol_feature(ProtocolFeature.STATUS):
+            status = await self._get_u64(Request.GET_STATUS)
+            if not status & VIRTIO_CONFIG_S_FEATURES_OK:
+                await self.request(Request.SET_STATUS, U64(status | VIRTIO_CONFIG_S_FEATURES_OK))
+        await self.set_memory(ram)
+        for vq in queues:
+            index = vq.index
+            await self.request(Request.SET_VRING_NUM, VringState(index=index, num=vq.num))
+            await self.request(Request.SET_VRING_BASE, VringState(index=index, num=vq.used_idx()))
+            await self.request(
+                Request.SET_VRING_ADDR,
+                VringAddr(index=index, flags=0, desc=ram.gpa_to_uaddr(vq.desc_gpa),
+                          used=ram.gpa_to_uaddr(vq.used_gpa), avail=ram.gpa_to_uaddr(vq.avail_gpa), log=0),
+            )
+            await self._set_vring_fd(Request.SET_VRING_KICK, index, self._kick_fds[index])
+            await self._set_vring_fd(Request.SET_VRING_CALL, index, self._call_fds[index])
+            self.started_queues.append(index)
+        await self.set_vring_enable(True)
+        for index, call in sorted(self._call_fds.items()):
+            await self._set_vring_fd(Request.SET_VRING_CALL, index, call)
+
     async def set_memory(self, ram: GuestRAM) -> None:
         """One region: gpa 0, all of RAM, mmap offset 0, the RAM's fake uaddr."""
         region = MemoryRegion(gpa=ram.gpa, size=ram.size, uaddr=ram.uaddr, mmap_offset=0)
@@ -341,7 +398,17 @@ class Frontend:
     # -- config space ----------------------------------------------------------
 
     async def get_config(self) -> bytes:
-        """GET_CONFIG of the whole space (a guest config read)."""
+        """GET_CONFIG of the whole space (a guest config read).  With
+        ``survive_backend_loss`` a dead back-end leaves the last config, as
+        QEMU does (``vub_get_config`` reports the error, vdev->config stays)."""
+        if self.survive_backend_loss:
+            try:
+                return await self._get_config()
+            except FrontendError:
+                return bytes(self.config_cache)
+        return await self._get_config()
+
+    async def _get_config(self) -> bytes:
         reply = await self.request(
             Request.GET_CONFIG,
             ConfigSpace(offset=0, size=self.config_size, flags=0, data=bytes(self.config_size)),
@@ -352,7 +419,15 @@ class Frontend:
         return data
 
     async def set_config(self, data: bytes, offset: int = 0) -> None:
-        """One SET_CONFIG exactly as given (flags 0 = FRONTEND)."""
+        """One SET_CONFIG exactly as given (flags 0 = FRONTEND); with
+        ``survive_backend_loss`` a dead back-end only loses the write."""
+        try:
+            await self._set_config(data, offset)
+        except FrontendError:
+            if not self.survive_backend_loss:
+                raise
+
+    async def _set_config(self, data: bytes, offset: int) -> None:
         await self.request(
             Request.SET_CONFIG,
             ConfigSpace(offset=offset, size=len(data), flags=CONFIG_FLAG_FRONTEND, data=bytes(data)),
@@ -512,7 +587,10 @@ class Frontend:
 
     async def _receive_reply(self, what: str) -> Message:
         with trio.move_on_after(self.reply_timeout) as scope:
-            message = await self._front.receive_message()
+            try:
+                message = await self._front.receive_message()
+            except OSError as exc:  # e.g. ECONNRESET: the back-end died with our request unread
+                raise FrontendError(f"{what}: the back-end connection failed: {exc}") from exc
         if scope.cancelled_caught:
             raise FrontendError(f"{what}: no reply from the back-end within {self.reply_timeout} s")
         if message is None:

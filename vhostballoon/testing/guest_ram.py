@@ -47,7 +47,8 @@ class GuestMemoryError(ValueError):
 
 
 class GuestRAM:
-    """Guest RAM backed by a memfd (``fd``) and mapped here (``mem``).
+    """Guest RAM backed by a memfd (``fd``) and mapped here (``mem``); with
+    ``directory``, by an unlinked file in that directory instead.
 
     ``mem`` supports the buffer protocol: ``struct.pack_into(fmt, ram.mem, gpa, ...)``
     writes guest memory at a guest physical address (region starts at gpa 0).
@@ -62,6 +63,7 @@ class GuestRAM:
         seed: int = 0x5EED,
         name: str = "vb-guest",
         huge_pages: bool = False,
+        directory: str | None = None,
     ) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise GuestMemoryError(f"guest RAM size {size} is not a positive multiple of {PAGE_SIZE}")
@@ -79,7 +81,10 @@ class GuestRAM:
         self.reserved_bytes = reserved
         self.reserved_pages = reserved // PAGE_SIZE
         self._next_reserved = 0
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        if directory is None:
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        else:  # an unlinked file there (e.g. on a tmpfs mounted huge=always)
+            self.fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(self.fd, size)
             self.mem = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
