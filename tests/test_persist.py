@@ -231,7 +231,7 @@ def test_c_journal_records_read_back_and_refuse_what_does_not_fit(tmp_path):
         assert journal.native.append(4, (1234).to_bytes(4, "little")) == 0
         assert journal.records(5) == [(1, bytes(pfns.view())), (3, b""), (4, (1234).to_bytes(4, "little"))]
         assert journal.records(4) == []  # another epoch: nothing
-        big = PfnArray.from_list(range(1000))  # 4 KiB of values: cannot fit
+        big = PfnArray.from_list(range(1010))  # 4040 bytes of values: cannot fit after 76
         assert journal.native.append(2, big) == -1
         assert len(journal.records(5)) == 3
         assert journal.native.append(2, PfnArray.from_list(range(600))) == 1  # past half: snapshot soon
