@@ -100,6 +100,7 @@ def build_parser():
     p.add_argument("--order", choices=[o.value for o in PfnOrder], default="linux",
                    help="which pages the guest balloons first (default linux: runs from the top of memory "
                         "down, which leaves whole 2 MiB blocks free to report; random leaves hardly any)")
+    p.add_argument("--sandbox", action="store_true", help="run the daemon with --sandbox (seccomp allow-list)")
     p.add_argument("--thp", action="store_true",
                    help="madvise guest RAM for huge pages, as QEMU does (needs shmem_enabled advise or always)")
     return p
@@ -208,7 +209,8 @@ class Canary:
         self.daemon_stack = AsyncExitStack()
         self.daemon = await self.daemon_stack.enter_async_context(
             daemon_process(self.sock_dir, "--state-dir", self.state_dir, "--flush-after", "1",
-                           "--stats-interval", "1", log_name=f"daemon-{self.daemons}.log"))
+                           "--stats-interval", "1", *(["--sandbox"] if self.args.sandbox else []),
+                           log_name=f"daemon-{self.daemons}.log"))
         self.daemons += 1
 
     async def execute(self, command: str, **arguments) -> dict:
@@ -394,7 +396,8 @@ class Canary:
         checks.did(f"guest RAM {args.ram // MiB} MiB memfd ({len(self.guest_pfns)} guest pages, "
                    f"{RESERVED // MiB} MiB for rings), every page written; THP madvise {'on' if args.thp else 'off'}")
         await self.start_daemon()
-        checks.did(f"daemon pid {self.daemon.pid} on {self.daemon.socket_path}, state dir {self.state_dir}")
+        checks.did(f"daemon pid {self.daemon.pid} on {self.daemon.socket_path}, state dir {self.state_dir}"
+                   + (", seccomp sandbox" if args.sandbox else ""))
         await self.connect_guest()
         start = time.monotonic()
         deadline = start + args.duration
