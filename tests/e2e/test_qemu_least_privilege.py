@@ -54,7 +54,7 @@ def assert_unprivileged(pid: int) -> dict[str, str]:
     return status
 
 
-async def balloon_and_measure(tmp_path, backend) -> dict:
+async def balloon_and_measure(tmp_path, backend, capsys) -> dict:
     """Fill 800 MiB in the guest (so the host backs it), balloon to 512 MiB,
     check the host memory behind the guest dropped; then give it back."""
     async with balloon_guest(tmp_path, backend.socket_path) as guest:
@@ -67,17 +67,20 @@ async def balloon_and_measure(tmp_path, backend) -> dict:
         host1 = guest.host_allocated()
         assert host0 - host1 >= 480 * MiB, f"host memory dropped only {(host0 - host1) / MiB:.1f} MiB"
         assert info["freed-bytes-measured"] >= 480 * MiB, info
+        with capsys.disabled():
+            print(f"\nhost memory behind the guest: {host0 / MiB:.0f} -> {host1 / MiB:.0f} MiB "
+                  f"({(host0 - host1) / MiB:.0f} MiB freed for a 512 MiB balloon)")
         await backend.execute("balloon", value=1024 * MiB)
         await backend.wait_for(lambda i: i["actual"] == 1024 * MiB, 90, "guest back at 1 GiB")
         assert (await guest.run("fill 300", timeout=120)).rc == 0  # the pages given back are usable
         return {"freed": host0 - host1, **info}
 
 
-async def test_unprivileged_backend_balloons_a_real_guest(tmp_path, backend_factory, nobody_dir):
+async def test_unprivileged_backend_balloons_a_real_guest(tmp_path, backend_factory, nobody_dir, capsys):
     backend = backend_factory("vb", "--features=-reporting", workdir=nobody_dir, prefix=SETPRIV)
     assert_unprivileged(backend.process.pid)
     assert os.stat(backend.socket_path).st_uid == NOBODY
-    await balloon_and_measure(tmp_path, backend)
+    await balloon_and_measure(tmp_path, backend, capsys)
     # The target was saved where nobody may write: its own state directory.
     state = Path(backend.socket_path + ".state")
     assert state.is_dir() and state.stat().st_uid == NOBODY and any(state.iterdir())
@@ -86,13 +89,13 @@ async def test_unprivileged_backend_balloons_a_real_guest(tmp_path, backend_fact
     assert "Permission denied" not in backend.log() and "Operation not permitted" not in backend.log()
 
 
-async def test_sandboxed_unprivileged_backend_balloons_a_real_guest(tmp_path, backend_factory, nobody_dir):
+async def test_sandboxed_unprivileged_backend_balloons_a_real_guest(tmp_path, backend_factory, nobody_dir, capsys):
     backend = backend_factory("vb", "--features=-reporting", "--sandbox", workdir=nobody_dir, prefix=SETPRIV)
     assert_unprivileged(backend.process.pid)
     # The sockets accept (start() returned) a moment before the filter is loaded.
     await backend.wait_for(lambda i: "sandbox applied" in backend.log(), 10, "the sandbox")
     seccomp = proc_status(backend.process.pid)["Seccomp"].strip()
     assert seccomp == "2", f"no seccomp filter (Seccomp: {seccomp}): {backend.log()[-1000:]}"
-    await balloon_and_measure(tmp_path, backend)
+    await balloon_and_measure(tmp_path, backend, capsys)
     assert backend.alive, backend.log()[-2000:]
     assert backend.kill(signal.SIGTERM) == 0, backend.log()[-2000:]
