@@ -112,6 +112,12 @@ def _daemon_parser() -> argparse.ArgumentParser:
         help=f"ask the guest for fresh memory statistics this often; 0: never (default {DEFAULT_STATS_INTERVAL:g}). "
         "Settable at run time: vhostballoon-ctl stats-interval",
     )
+    p.add_argument(
+        "--sandbox",
+        action="store_true",
+        help="once the sockets are bound, allow only the system calls the back-end needs (seccomp); "
+        "any other kills the process. Needs pyseccomp: pip install 'vhostballoon[sandbox]'",
+    )
     p.add_argument("--flush-bytes", default="1G", metavar="SIZE", help="auto: pending partial bytes that trigger a flush (default 1G)")
     p.add_argument("--flush-after", type=float, default=5.0, metavar="SECONDS", help="auto: longest wait of a pending page (default 5)")
     p.add_argument("--log-format", choices=["console", "json"], default="console", help="log line format (default: console)")
@@ -189,11 +195,34 @@ def run_daemon(args: argparse.Namespace) -> int:
                 listen_fd=args.fd,
                 control_path=args.control_socket,
                 service=service,
+                sandbox=args.sandbox,
             )
         )
-    except StartupError as exc:
-        log.error("cannot start", error=str(exc))
+    except (StartupError, ExceptionGroup) as exc:
+        # run_until_signalled starts the back-end in a nursery, so trio
+        # hands a start-up failure over wrapped in an ExceptionGroup.
+        startup = exc if isinstance(exc, StartupError) else _sole(exc, StartupError)
+        if startup is None:
+            raise
+        log.error("cannot start", error=str(startup))
         return 1
+
+
+def _sole(group: BaseExceptionGroup, kind: type[BaseException]) -> BaseException | None:
+    """The one exception of ``kind`` a (nested) group holds, if that is all it holds."""
+    matched, rest = group.split(kind)
+    if matched is None or rest is not None:
+        return None
+    leaves = list(_leaves(matched))
+    return leaves[0] if len(leaves) == 1 else None
+
+
+def _leaves(group: BaseExceptionGroup):
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 if __name__ == "__main__":

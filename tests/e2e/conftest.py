@@ -35,8 +35,12 @@ def pytest_collection_modifyitems(items):
 class BackendProcess:
     """The daemon as a user runs it: its own process, its own socket."""
 
-    def __init__(self, workdir: Path, name: str = "vb") -> None:
+    def __init__(self, workdir: Path, name: str = "vb", *, prefix: tuple[str, ...] = (), env: dict | None = None) -> None:
+        """``prefix``: a command that runs the daemon (e.g. ``setpriv`` to
+        drop privileges); ``env``: extra environment variables."""
         self.workdir = workdir
+        self.prefix = prefix
+        self.env = env
         self.socket_path = str(workdir / f"{name}.sock")
         self.control_path = self.socket_path + ".ctl"
         self.log_path = workdir / f"{name}.backend.log"
@@ -45,7 +49,9 @@ class BackendProcess:
     def start(self, *extra: str) -> "BackendProcess":
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "vhostballoon", "--socket-path", self.socket_path, "--log-level", "debug", *extra],
+            [*self.prefix, sys.executable, "-m", "vhostballoon", "--socket-path", self.socket_path,
+             "--log-level", "debug", *extra],
+            env={**os.environ, **self.env} if self.env else None,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -142,8 +148,8 @@ class BackendProcess:
 def backend_factory(tmp_path):
     started: list[BackendProcess] = []
 
-    def make(name: str = "vb", *extra: str) -> BackendProcess:
-        b = BackendProcess(tmp_path, name).start(*extra)
+    def make(name: str = "vb", *extra: str, workdir: Path | None = None, **options) -> BackendProcess:
+        b = BackendProcess(workdir or tmp_path, name, **options).start(*extra)
         started.append(b)
         return b
 

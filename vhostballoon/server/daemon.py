@@ -14,6 +14,7 @@ import structlog
 import trio
 
 from .control import serve_control
+from .sandbox import SandboxError, apply_sandbox
 from .service import BalloonService
 from .session import FrontendSession
 from .transport import FdStream
@@ -110,10 +111,13 @@ async def run_backend(
     listen_fd: int | None = None,
     control_path: str | None = None,
     service: BalloonService | None = None,
+    sandbox: bool = False,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the back-end until cancelled. Exactly one of socket_path/listen_fd.
-    ``control_path`` None means socket_path + ".ctl"; "" disables it."""
+    ``control_path`` None means socket_path + ".ctl"; "" disables it.
+    ``sandbox``: once both sockets are bound, load the seccomp allow-list
+    (server.sandbox) before serving anything."""
     if (socket_path is None) == (listen_fd is None):
         raise StartupError("give exactly one of a socket path or a listening fd")
     service = service or BalloonService()
@@ -132,6 +136,11 @@ async def run_backend(
             control_listener = trio.SocketListener(trio.socket.from_stdlib_socket(control_sock))
         else:
             log.warning("no control socket (give --control-socket PATH to have one)")
+        if sandbox:
+            try:
+                apply_sandbox()
+            except SandboxError as exc:
+                raise StartupError(str(exc)) from None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve_frontends, listener, service)
             if control_listener is not None:

@@ -189,6 +189,7 @@ class BalloonDriver:
         poison_val: int = 0,
         touch_on_inflate: bool = False,
         buffer_timeout: float = 30.0,
+        keep_balloon_of: "BalloonDriver | None" = None,
     ) -> None:
         self.ram = ram
         self.transport = transport
@@ -213,6 +214,8 @@ class BalloonDriver:
         self._balloon_stack = array("I")
         self.balloon_bitmap = bytearray(ram.num_pages)  # 1 where the page is in the balloon
         self.actual_pages = 0  # vb->num_pages: what the driver writes into config.actual
+        if keep_balloon_of is not None:
+            self._keep_balloon(keep_balloon_of)
         self.target_pages = 0  # num_pages as last read from config
 
         self.inflate_buffers = 0
@@ -234,6 +237,18 @@ class BalloonDriver:
         self._raw_buf_gpa = 0
         self._stats_buf_gpa = 0
         self._stats_head: int | None = None
+
+    def _keep_balloon(self, previous: "BalloonDriver") -> None:
+        """The same guest on a new device connection (its front-end
+        reconnected): the guest kept its balloon, so this driver starts with
+        the pages ``previous`` held, in the same order, and the same
+        ``actual``.  A new back-end session knows none of them."""
+        if previous.ram is not self.ram:
+            raise DriverError("keep_balloon_of: the previous driver ran on other guest RAM")
+        self._free_stack = array("I", previous._free_stack)
+        self._balloon_stack = array("I", previous._balloon_stack)
+        self.balloon_bitmap[:] = previous.balloon_bitmap
+        self.actual_pages = previous.actual_pages
 
     # -- probe ---------------------------------------------------------------
 
