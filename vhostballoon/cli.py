@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_daemon(args: argparse.Namespace) -> int:
+    import gc
+
     import structlog
     import trio
 
@@ -166,7 +168,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     from .server.state import StateStore
     from .sizes import parse_size
 
-    configure_logging(args.log_format, args.log_level)
+    configure_logging(args.log_format, args.log_level, final=True)
     log = structlog.get_logger("vhostballoon")
     state_dir = args.state_dir or (f"{args.socket_path}.state" if args.socket_path else None)
     state = StateStore(state_dir, snapshot_interval=args.snapshot_interval) if state_dir and state_dir != "none" else None
@@ -188,6 +190,9 @@ def run_daemon(args: argparse.Namespace) -> int:
         min_num_vqs=len(roles),
         stats_interval=args.stats_interval,
     )
+    # Everything imported and set up so far lives as long as the process: keep
+    # it out of the cyclic collector's scans (they showed in the profile).
+    gc.freeze()
     try:
         return trio.run(
             lambda: run_until_signalled(

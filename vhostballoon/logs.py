@@ -8,8 +8,11 @@ import sys
 import structlog
 
 
-def configure_logging(fmt: str = "console", level: str = "info", stream=None) -> None:
-    """Configure structlog once for the process. ``fmt`` is "console" or "json"."""
+def configure_logging(fmt: str = "console", level: str = "info", stream=None, *, final: bool = False) -> None:
+    """Configure structlog once for the process. ``fmt`` is "console" or "json".
+    ``final``: nothing will configure it again (the daemon), so each logger
+    may cache its configuration on first use: cheaper per call, and the
+    debug calls on the per-buffer path cost next to nothing."""
     stream = stream or sys.stderr
     renderer: structlog.typing.Processor
     extra: list = []
@@ -30,5 +33,5 @@ def configure_logging(fmt: str = "console", level: str = "info", stream=None) ->
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
         logger_factory=structlog.PrintLoggerFactory(stream),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=final,
     )

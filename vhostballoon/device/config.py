@@ -21,6 +21,7 @@ CONFIG_LAYOUT = Struct(
     "poison_val" / Int32ul,
 )
 CONFIG_SIZE = CONFIG_LAYOUT.sizeof()  # 16; QEMU's config_size must equal it
+CONFIG_LAYOUT = CONFIG_LAYOUT.compile()  # read and written once per guest buffer: compiled, ~3x faster
 ACTUAL_OFFSET = 4
 POISON_OFFSET = 12
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import enum
 import os
+import struct
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -116,6 +117,14 @@ _CONFIG = c.Struct(
 
 _MEMORY_REGION_SIZE = _MEMORY_REGION.sizeof()  # 32
 _MEMORY_TABLE_HEADER_SIZE = 8  # u32 nregions + u32 padding
+_U32 = c.Int32un
+
+# construct compiles a struct into generated Python: the same wire format,
+# parsed and built about 3x faster.  Every buffer the guest hands over is a
+# GET_CONFIG and a SET_CONFIG round trip through here (scripts/bench.py).
+_HEADER, _U64, _VRING_STATE, _VRING_ADDR, _MEMORY_TABLE, _SINGLE_MEMORY_REGION, _CONFIG, _U32 = (
+    s.compile() for s in (_HEADER, _U64, _VRING_STATE, _VRING_ADDR, _MEMORY_TABLE, _SINGLE_MEMORY_REGION, _CONFIG, _U32)
+)
 
 
 # -- payloads -----------------------------------------------------------------
@@ -345,7 +354,7 @@ class ConfigSpace:
                 f"{name}: body is {len(body)} bytes, shorter than the "
                 f"{CONFIG_HEADER_SIZE}-byte config header"
             )
-        size = c.Int32un.parse(body[4:8])
+        size = _U32.parse(body[4:8])
         if size > MAX_CONFIG_SIZE:
             raise ProtocolError(f"{name}: config size {size} (at most {MAX_CONFIG_SIZE})")
         expected = CONFIG_HEADER_SIZE + size
@@ -369,7 +378,7 @@ def encode_payload(payload: Payload) -> bytes:
         return payload.to_bytes()
     except AttributeError:
         raise LocalProtocolError(f"not a vhost-user payload: {payload!r}") from None
-    except (c.ConstructError, OverflowError, ValueError, TypeError) as exc:
+    except (c.ConstructError, OverflowError, ValueError, TypeError, struct.error) as exc:
         raise LocalProtocolError(f"cannot encode {payload!r}: {exc}") from exc
 
 
@@ -425,7 +434,7 @@ def encode(
         flags |= NEED_REPLY
     try:
         header = _HEADER.build({"request": int(request), "flags": flags, "size": len(body)})
-    except (c.ConstructError, OverflowError) as exc:
+    except (c.ConstructError, OverflowError, struct.error) as exc:
         raise LocalProtocolError(f"cannot encode header of request {request}: {exc}") from exc
     return header + body
 
