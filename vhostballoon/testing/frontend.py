@@ -88,6 +88,16 @@ PROTOCOL_FEATURES_BIT = int(VHOST_USER_F_PROTOCOL_FEATURES)  # a mask: 1 << 30
 QEMU_PROTOCOL_FEATURES = (1 << 20) - 1
 
 
+
+async def _connect_unix(path: str | os.PathLike[str]) -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.connect(os.fspath(path))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
 class FrontendError(Exception):
     """The front-end could not do what it was asked (our side, or a dead peer)."""
 
@@ -213,13 +223,7 @@ class Frontend:
     @classmethod
     async def connect(cls, path: str | os.PathLike[str], **options: Any) -> "Frontend":
         """Connect to a listening back-end (``-chardev socket,path=...``)."""
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.connect(os.fspath(path))
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock, **options)
+        return cls(await _connect_unix(path), **options)
 
     # -- what the guest sees -------------------------------------------------
 
@@ -336,12 +340,7 @@ class Frontend:
         again.  The kick and call eventfds stay the same (they are KVM's
         ioeventfd and irqfd), so a driver waiting for a buffer just goes on.
         Serve the new backend channel afterwards (``serve_backend_channel``)."""
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            await sock.connect(os.fspath(path))
-        except BaseException:
-            sock.close()
-            raise
+        sock = await _connect_unix(path)
         async with self._lock:
             self._front.close()
             if self._backend is not None:

@@ -119,6 +119,15 @@ _MEMORY_REGION_SIZE = _MEMORY_REGION.sizeof()  # 32
 _MEMORY_TABLE_HEADER_SIZE = 8  # u32 nregions + u32 padding
 _U32 = c.Int32un
 
+# The three shapes every guest buffer costs (a GET_CONFIG and a SET_CONFIG
+# with REPLY_ACK: header, config header, u64 ack) are packed with the struct
+# module on the hot path: the layouts declared above, checked equal here.
+_HEADER_FAST = struct.Struct("=III")
+_U64_FAST = struct.Struct("=Q")
+_CONFIG_HEADER_FAST = struct.Struct("=III")
+assert _HEADER.sizeof() == _HEADER_FAST.size and _U64.sizeof() == _U64_FAST.size
+assert _CONFIG.parse(_CONFIG_HEADER_FAST.pack(1, 0, 2)) == dict(offset=1, size=0, flags=2, data=b"")
+
 # construct compiles a struct into generated Python: the same wire format,
 # parsed and built about 3x faster.  Every buffer the guest hands over is a
 # GET_CONFIG and a SET_CONFIG round trip through here (scripts/bench.py).
@@ -168,11 +177,11 @@ class U64:
     fixed_size: ClassVar[int | None] = 8
 
     def to_bytes(self) -> bytes:
-        return _U64.build({"value": self.value})
+        return _U64_FAST.pack(self.value)
 
     @classmethod
     def from_bytes(cls, name: str, body: bytes) -> U64:
-        return cls(_U64.parse(body).value)
+        return cls(_U64_FAST.unpack(body)[0])
 
 
 @dataclass(frozen=True)
@@ -343,9 +352,7 @@ class ConfigSpace:
             )
 
     def to_bytes(self) -> bytes:
-        return _CONFIG.build(
-            {"offset": self.offset, "size": self.size, "flags": self.flags, "data": self.data}
-        )
+        return _CONFIG_HEADER_FAST.pack(self.offset, self.size, self.flags) + self.data
 
     @classmethod
     def from_bytes(cls, name: str, body: bytes) -> ConfigSpace:
@@ -354,7 +361,7 @@ class ConfigSpace:
                 f"{name}: body is {len(body)} bytes, shorter than the "
                 f"{CONFIG_HEADER_SIZE}-byte config header"
             )
-        size = _U32.parse(body[4:8])
+        size = _CONFIG_HEADER_FAST.unpack_from(body)[1]
         if size > MAX_CONFIG_SIZE:
             raise ProtocolError(f"{name}: config size {size} (at most {MAX_CONFIG_SIZE})")
         expected = CONFIG_HEADER_SIZE + size
@@ -363,8 +370,8 @@ class ConfigSpace:
                 f"{name}: body is {len(body)} bytes, expected {expected} "
                 f"({CONFIG_HEADER_SIZE} + config size {size})"
             )
-        p = _CONFIG.parse(body)
-        return cls(p.offset, p.size, p.flags, p.data)
+        offset, size, flags = _CONFIG_HEADER_FAST.unpack_from(body)
+        return cls(offset, size, flags, body[CONFIG_HEADER_SIZE:])
 
 
 Payload = Union[
@@ -433,7 +440,7 @@ def encode(
     if need_reply:
         flags |= NEED_REPLY
     try:
-        header = _HEADER.build({"request": int(request), "flags": flags, "size": len(body)})
+        header = _HEADER_FAST.pack(int(request), flags, len(body))
     except (c.ConstructError, OverflowError, struct.error) as exc:
         raise LocalProtocolError(f"cannot encode header of request {request}: {exc}") from exc
     return header + body
@@ -598,6 +605,7 @@ class MessageDecoder:
         self._fd_chunks: deque[_FdChunk] = deque()
         self._error: ProtocolError | None = None
         self._closed = False
+        self._names: dict[int, str] = {}  # request -> name for errors, known requests only
 
     @classmethod
     def for_requests(cls) -> MessageDecoder:
@@ -688,9 +696,12 @@ class MessageDecoder:
     def _next_message(self) -> Message | None:
         if len(self._buffer) < HEADER_SIZE:
             return None
-        header = _HEADER.parse(self._buffer[:HEADER_SIZE])
-        request, flags, size = header.request, header.flags, header.size
-        name = self._name(request)
+        request, flags, size = _HEADER_FAST.unpack_from(self._buffer)
+        name = self._names.get(request)
+        if name is None:
+            name = self._name(request)
+            if request in self._kinds._value2member_map_:
+                self._names[request] = name
         version = flags & VERSION_MASK
         if version != VERSION:
             raise ProtocolError(f"{name}: version {version} in flags {flags:#x} (expected {VERSION})")
