@@ -10,6 +10,7 @@ All fields are le32 (the device is VERSION_1 only):
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from construct import Int32ul, Struct
@@ -21,7 +22,12 @@ CONFIG_LAYOUT = Struct(
     "poison_val" / Int32ul,
 )
 CONFIG_SIZE = CONFIG_LAYOUT.sizeof()  # 16; QEMU's config_size must equal it
-CONFIG_LAYOUT = CONFIG_LAYOUT.compile()  # read and written once per guest buffer: compiled, ~3x faster
+# Read and written once per guest buffer (GET_CONFIG, SET_CONFIG): packed
+# with the struct module, the layout above, checked equal here.
+_CONFIG_FAST = struct.Struct("<IIII")
+assert CONFIG_LAYOUT.parse(_CONFIG_FAST.pack(1, 2, 3, 4)) == dict(
+    num_pages=1, actual=2, free_page_hint_cmd_id=3, poison_val=4
+)
 ACTUAL_OFFSET = 4
 POISON_OFFSET = 12
 
@@ -38,12 +44,11 @@ class BalloonConfig:
     poison_val: int = 0
 
     def pack(self) -> bytes:
-        return CONFIG_LAYOUT.build(vars(self))
+        return _CONFIG_FAST.pack(self.num_pages, self.actual, self.free_page_hint_cmd_id, self.poison_val)
 
     @classmethod
     def unpack(cls, data: bytes) -> "BalloonConfig":
-        fields = CONFIG_LAYOUT.parse(data)
-        return cls(fields.num_pages, fields.actual, fields.free_page_hint_cmd_id, fields.poison_val)
+        return cls(*_CONFIG_FAST.unpack(data))
 
 
 def check_access(offset: int, size: int) -> None:
