@@ -571,14 +571,19 @@ class Frontend:
         data = encode(request, payload, need_reply=need_reply)
         expects = request in _REPLYING or need_reply
         async with self._lock:
-            try:
-                await self._front.send(data, fds)
-            except OSError as exc:
-                raise FrontendError(f"{request.name}: cannot send to the back-end: {exc}") from exc
-            self._record_wire(Channel.FRONT, True, data, payload, len(fds))
-            if not expects:
-                return None
-            reply = await self._receive_reply(request.name)
+            # Once sent, the exchange runs to its reply (or the reply
+            # timeout) whatever cancels the caller: QEMU, holding its lock,
+            # cannot abandon a request either, and an abandoned one would
+            # leave its reply to be read as the reply of the next request.
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._front.send(data, fds)
+                except OSError as exc:
+                    raise FrontendError(f"{request.name}: cannot send to the back-end: {exc}") from exc
+                self._record_wire(Channel.FRONT, True, data, payload, len(fds))
+                if not expects:
+                    return None
+                reply = await self._receive_reply(request.name)
         self._check_reply(request, reply, need_reply)
         return reply
 
