@@ -575,15 +575,22 @@ class Frontend:
             # timeout) whatever cancels the caller: QEMU, holding its lock,
             # cannot abandon a request either, and an abandoned one would
             # leave its reply to be read as the reply of the next request.
-            with trio.CancelScope(shield=True):
-                try:
-                    await self._front.send(data, fds)
-                except OSError as exc:
-                    raise FrontendError(f"{request.name}: cannot send to the back-end: {exc}") from exc
-                self._record_wire(Channel.FRONT, True, data, payload, len(fds))
-                if not expects:
-                    return None
-                reply = await self._receive_reply(request.name)
+            try:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self._front.send(data, fds)
+                    except OSError as exc:
+                        raise FrontendError(f"{request.name}: cannot send to the back-end: {exc}") from exc
+                    self._record_wire(Channel.FRONT, True, data, payload, len(fds))
+                    if not expects:
+                        return None
+                    reply = await self._receive_reply(request.name)
+            except FrontendError:
+                # The caller was cancelled meanwhile (the guest is being torn
+                # down, e.g. a killed QEMU): that is the outcome, not the
+                # connection failing under a request nobody waits for.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                raise
         self._check_reply(request, reply, need_reply)
         return reply
 
