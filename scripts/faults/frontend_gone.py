@@ -124,7 +124,7 @@ async def one_round(kind: str, args, checks: Checks, rng: random.Random, backend
                 if kind.startswith("mid-message"):
                     data, fds, what = half_message(rng, ram, kind.endswith("with-fd"))
                     try:
-                        await guest.frontend.send_raw(data, fds)
+                        await guest.frontend.send_raw(data, fds, last=True)
                     finally:
                         for fd in fds:
                             os.close(fd)  # the back-end has its own copy now

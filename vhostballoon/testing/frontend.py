@@ -219,6 +219,7 @@ class Frontend:
         self._call_fds: dict[int, int] = {}
         self._owned_fds: list[int] = []  # every eventfd made here; closed by aclose()
         self._closed = False
+        self._dead = False  # send_raw(last=True): a killed QEMU sends nothing more
 
     @classmethod
     async def connect(cls, path: str | os.PathLike[str], **options: Any) -> "Frontend":
@@ -546,10 +547,13 @@ class Frontend:
 
     # -- low level: for conformance and bad-input tests ---------------------------------
 
-    async def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        """Write bytes (and fds) to the back-end as they are."""
+    async def send_raw(self, data: bytes, fds: Sequence[int] = (), *, last: bool = False) -> None:
+        """Write bytes (and fds) to the back-end as they are.  ``last``: the
+        front-end dies right after (e.g. half a message, then QEMU is
+        killed): nothing more is sent; later requests wait until cancelled."""
         async with self._lock:
             await self._front.send(data, fds)
+            self._dead = self._dead or last
         self._record_wire(Channel.FRONT, True, data, None, len(fds))
 
     async def recv_reply(self) -> Message:
@@ -571,6 +575,8 @@ class Frontend:
         data = encode(request, payload, need_reply=need_reply)
         expects = request in _REPLYING or need_reply
         async with self._lock:
+            if self._dead:
+                await trio.sleep_forever()
             # Once sent, the exchange runs to its reply (or the reply
             # timeout) whatever cancels the caller: QEMU, holding its lock,
             # cannot abandon a request either, and an abandoned one would
@@ -585,13 +591,13 @@ class Frontend:
                     if not expects:
                         return None
                     reply = await self._receive_reply(request.name)
+                self._check_reply(request, reply, need_reply)
             except FrontendError:
                 # The caller was cancelled meanwhile (the guest is being torn
                 # down, e.g. a killed QEMU): that is the outcome, not the
                 # connection failing under a request nobody waits for.
                 await trio.lowlevel.checkpoint_if_cancelled()
                 raise
-        self._check_reply(request, reply, need_reply)
         return reply
 
     # -- internals -------------------------------------------------------------------
