@@ -243,6 +243,9 @@ static void free_now(vb_worker *w, uint32_t n, vb_discard_stats *st, uint64_t *m
 #define JOURNAL_INFLATE 1
 #define JOURNAL_DEFLATE 2
 #define JOURNAL_COLLECT 3
+/* How long a worker waits (1 ms per try) for the session's snapshot when
+ * the journal is full before it drops the record. */
+#define JOURNAL_WAIT_TRIES 2000
 
 static int journal_record(vb_worker *w, uint32_t kind, const uint32_t *values, uint32_t n)
 {
@@ -252,8 +255,16 @@ static int journal_record(vb_worker *w, uint32_t kind, const uint32_t *values, u
      * lock.  Wait with the lock released (the popped buffers stay with us);
      * a stop request ends the wait (the session's last snapshot at close
      * then covers the batch). */
+    int tries = 0;
+
     while ((rc = vb_journal_append(w->journal, kind, values, n)) < 0) {
-        if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE)) {
+        if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE) || ++tries > JOURNAL_WAIT_TRIES) {
+            /* No snapshot came (it failed: disk full?) or we are stopping:
+             * the guest must not hang on us.  The record is dropped and
+             * counted; the session says a restart may now forget pages. */
+            pthread_mutex_lock(&w->counters_mu);
+            w->c.journal_dropped++;
+            pthread_mutex_unlock(&w->counters_mu);
             return 0;
         }
         pthread_mutex_lock(&w->counters_mu);
@@ -345,6 +356,12 @@ static int serve_available(vb_worker *w)
             if (journal_batch(w, n_changed, flushed)) {
                 notify = 1;
             }
+        }
+        if (!w->vq->ready) {
+            /* Only after a wait for the journal, lock released: the ring
+             * was set up again and failed meanwhile.  Its pointers may be
+             * gone; the queue is dead for the guest anyway. */
+            break;
         }
         vb_vq_push_used(w->vq, w->heads, NULL, (uint32_t)popped);
 

@@ -328,7 +328,8 @@ typedef struct vb_worker_counters {
     uint64_t signals;           /* call eventfd writes */
     uint64_t flushes;           /* pending pages collected at the flush threshold */
     uint64_t freed_measured;    /* bytes the backing files shrank by across our discards */
-    uint64_t journal_waits;     /* batches that waited for a snapshot (journal full) */
+    uint64_t journal_waits;     /* 1 ms waits for a snapshot (journal full) */
+    uint64_t journal_dropped;   /* records dropped: no snapshot came within 2 s */
     vb_discard_stats discard;   /* cumulative; last_errno/failed_region: the latest failure */
     int broken;                 /* the ring was malformed: the worker stopped (error says why) */
     int running;                /* no stop requested or taken yet */

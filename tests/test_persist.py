@@ -240,3 +240,43 @@ def test_c_journal_records_read_back_and_refuse_what_does_not_fit(tmp_path):
         assert journal.records(6) == [] and journal.offset == 0
     finally:
         journal.close()
+
+
+async def test_a_journal_that_fills_is_snapshotted_by_the_session_and_drops_nothing(
+    nursery, socket_path, tmp_path, logs, monkeypatch
+):
+    """The C queue threads append every batch to the journal; when it passes
+    half full they wake the session, which snapshots and rewinds it.  With
+    a 16 KiB journal a 32 MiB balloon (32 Linux buffers of 1 KiB of PFNs)
+    fills it twice over: nothing may wait for long, nothing may be dropped,
+    and the state written at the end holds the whole balloon."""
+    from functools import partial
+
+    from vhostballoon.server import persist
+    from vhostballoon.server.daemon import run_backend
+    from vhostballoon.server.service import BalloonService
+    from vhostballoon.server.state import StateStore
+    from vhostballoon.testing import model_guest
+
+    from backend_support import wait_no_session
+
+    MiB = 1 << 20
+    monkeypatch.setattr(persist, "JOURNAL_BYTES", 16 * 1024)
+    state_dir = tmp_path / "state"
+    service = BalloonService(state=StateStore(state_dir, snapshot_interval=3600))
+    await nursery.start(partial(run_backend, socket_path, service=service))
+    async with model_guest(socket_path, ram_size=64 * MiB, order="linux") as guest:
+        service.set_target(32 * MiB)
+        await guest.wait_for_target((32 * MiB) // PAGE_SIZE)
+    await wait_no_session(service)  # its last snapshot is written as it ends
+    reasons = [e.get("reason") for e in logs if e["event"] == "page snapshot written"]
+    assert reasons.count("journal half full") >= 2, reasons
+    assert not [e for e in logs if e["log_level"] == "error"], [e for e in logs if e["log_level"] == "error"]
+    assert os.path.getsize(state_dir / JOURNAL_FILE) == 16 * 1024
+    doc = json.loads((state_dir / SNAPSHOT_FILE).read_text())
+    import base64
+    import zlib
+
+    bitmaps = [zlib.decompress(base64.b64decode(r["ballooned_bitmap"])) for r in doc["regions"]]
+    assert sum(int.from_bytes(b, "little").bit_count() for b in bitmaps) == (32 * MiB) // PAGE_SIZE
+    assert sum(r["ballooned"] for r in doc["regions"]) == (32 * MiB) // PAGE_SIZE

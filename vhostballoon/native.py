@@ -796,6 +796,7 @@ class WorkerCounters:
     broken: str | None = None
     running: bool = False
     journal_waits: int = 0
+    journal_dropped: int = 0
 
     def minus(self, earlier: WorkerCounters) -> WorkerCounters:
         """What happened since ``earlier`` (the discard failure fields are the latest)."""
@@ -812,7 +813,8 @@ class WorkerCounters:
         return WorkerCounters(**counts, last_invalid_pfn=self.last_invalid_pfn,
                               last_unchanged_pfn=self.last_unchanged_pfn, discard=discard,
                               broken=self.broken, running=self.running,
-                              journal_waits=self.journal_waits - earlier.journal_waits)
+                              journal_waits=self.journal_waits - earlier.journal_waits,
+                              journal_dropped=self.journal_dropped - earlier.journal_dropped)
 
 
 class QueueWorker:
@@ -869,7 +871,7 @@ class QueueWorker:
             signals=c.signals, flushes=c.flushes, freed_measured=c.freed_measured,
             discard=DiscardStats._from_c(c.discard),
             broken=_errtext(c.error) if c.broken else None, running=bool(c.running),
-            journal_waits=c.journal_waits,
+            journal_waits=c.journal_waits, journal_dropped=c.journal_dropped,
         )
 
     def request_stop(self) -> None:

@@ -170,9 +170,9 @@ class Journal:
     """The append-only record of changes since the last snapshot, in a
     MAP_SHARED file mapping (survives the process; see the module doc)."""
 
-    def __init__(self, path: Path, size: int = JOURNAL_BYTES) -> None:
+    def __init__(self, path: Path, size: int | None = None) -> None:
         self.path = path
-        self.size = size
+        self.size = size = JOURNAL_BYTES if size is None else size
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             if os.fstat(fd).st_size != size:

@@ -565,6 +565,10 @@ class FrontendSession:
             log.info("pending partial huge pages freed", reason="flush-bytes reached", queue=q.index,
                      thp_splits_so_far=self.device.counters.discard.splits,
                      policy=self.huge.policy.mode.value)
+        if work.journal_dropped:
+            log.error("page journal full and no snapshot could be written: a back-end restart may now "
+                      "forget ballooned pages (see the snapshot error above)",
+                      queue=q.index, records_dropped=work.journal_dropped)
         if now.broken and not q.broken and worker is q.worker:
             self._ring_broken(q, now.broken)
 
