@@ -350,3 +350,35 @@ int64_t vb_mem_ballooned_in_range(const vb_mem *mem, uint64_t gpa, uint64_t len)
     }
     return (int64_t)count;
 }
+
+/* Bytes the kernel holds for the files behind the regions (each file once),
+ * as GuestMemory.allocated_bytes() counts them. */
+uint64_t vb_mem_allocated_bytes(const vb_mem *mem)
+{
+    dev_t devs[VB_MAX_REGIONS];
+    ino_t inos[VB_MAX_REGIONS];
+    uint32_t seen = 0;
+    uint64_t total = 0;
+
+    for (uint32_t i = 0; i < mem->nregions; i++) {
+        struct stat st;
+        uint32_t j;
+
+        if (fstat(mem->regions[i].fd, &st) < 0) {
+            continue;
+        }
+        for (j = 0; j < seen; j++) {
+            if (devs[j] == st.st_dev && inos[j] == st.st_ino) {
+                break;
+            }
+        }
+        if (j < seen) {
+            continue;
+        }
+        devs[seen] = st.st_dev;
+        inos[seen] = st.st_ino;
+        seen++;
+        total += (uint64_t)st.st_blocks * 512;
+    }
+    return total;
+}

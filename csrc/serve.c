@@ -32,7 +32,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -140,38 +139,6 @@ static void discard_stats_add(vb_discard_stats *dst, const vb_discard_stats *src
     }
 }
 
-/* Bytes the kernel holds for the files behind the regions (each file once),
- * as GuestMemory.allocated_bytes() counts them. */
-static uint64_t allocated_bytes(const vb_mem *mem)
-{
-    dev_t devs[VB_MAX_REGIONS];
-    ino_t inos[VB_MAX_REGIONS];
-    uint32_t seen = 0;
-    uint64_t total = 0;
-
-    for (uint32_t i = 0; i < mem->nregions; i++) {
-        struct stat st;
-        uint32_t j;
-
-        if (fstat(mem->regions[i].fd, &st) < 0) {
-            continue;
-        }
-        for (j = 0; j < seen; j++) {
-            if (devs[j] == st.st_dev && inos[j] == st.st_ino) {
-                break;
-            }
-        }
-        if (j < seen) {
-            continue;
-        }
-        devs[seen] = st.st_dev;
-        inos[seen] = st.st_ino;
-        seen++;
-        total += (uint64_t)st.st_blocks * 512;
-    }
-    return total;
-}
-
 /* The first PFN of a batch that did not change state although it lies in
  * guest memory, for the session's log line.  changed[] holds the flipped
  * PFNs in input order, and of a repeated PFN only its first occurrence can
@@ -225,7 +192,7 @@ static void free_now(vb_worker *w, uint32_t n, vb_discard_stats *st, uint64_t *m
         free(extra);
         return;
     }
-    before = allocated_bytes(w->mem);
+    before = vb_mem_allocated_bytes(w->mem);
     if (n) {
         vb_discard_ranges(w->mem, w->ranges, n, &one);
         discard_stats_add(st, &one);
@@ -234,7 +201,7 @@ static void free_now(vb_worker *w, uint32_t n, vb_discard_stats *st, uint64_t *m
         vb_discard_ranges(w->mem, extra, n_extra, &one);
         discard_stats_add(st, &one);
     }
-    after = allocated_bytes(w->mem);
+    after = vb_mem_allocated_bytes(w->mem);
     *measured += before > after ? before - after : 0;
     free(extra);
 }

@@ -185,6 +185,9 @@ uint32_t vb_balloon_update(vb_mem *mem, const uint32_t *pfns, uint32_t n, int in
                            uint32_t *changed, uint32_t *n_invalid,
                            uint32_t *first_invalid, uint32_t *n_unchanged);
 
+/* Bytes the kernel holds for the files behind the regions: st_blocks * 512
+ * summed over the distinct files (two regions in one memfd count once). */
+uint64_t vb_mem_allocated_bytes(const vb_mem *mem);
 /* Index of the region holding all of [gpa, gpa+len) (len > 0), or -1. */
 int vb_mem_region_of(const vb_mem *mem, uint64_t gpa, uint64_t len);
 /* Ballooned pages in [gpa, gpa+len): 4 KiB aligned, inside one region;

@@ -369,16 +369,7 @@ class GuestMemory:
         including parts no region maps, and a file that st_blocks does not
         describe (e.g. a MAP_SHARED /dev/zero) counts as 0.
         """
-        mem = self._table()
-        seen = set()
-        total = 0
-        for i in range(mem.nregions):
-            st = os.fstat(mem.regions[i].fd)
-            key = (st.st_dev, st.st_ino)
-            if key not in seen:
-                seen.add(key)
-                total += st.st_blocks * 512
-        return total
+        return lib.vb_mem_allocated_bytes(self._table())
 
     def translate(self, gpa: int, length: int) -> int | None:
         """Host address of [gpa, gpa+length) if it lies in one region."""
