@@ -34,6 +34,7 @@ from vhostballoon.server.daemon import Backend, run_backend
 from vhostballoon.server.service import BalloonService
 from vhostballoon.sizes import parse_size
 from vhostballoon.testing import BalloonDriver, DriverError, Frontend, FrontendError, GuestRAM
+from vhostballoon.testing.model import running_driver
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -395,7 +396,6 @@ async def guest_on(
         await frontend.initialize()
         driver = BalloonDriver(ram, frontend, seed=seed, **driver_options)
         guest = Guest(ram, frontend, driver)
-        body_error: BaseException | None = None
 
         async def run_driver(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
             try:
@@ -405,23 +405,8 @@ async def guest_on(
                     raise
                 guest.device_gone = group.exceptions[0]
 
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(frontend.serve_backend_channel)
-                await driver.probe()
-                await nursery.start(run_driver)
-                try:
-                    yield guest
-                except BaseException as exc:  # re-raised below, outside the nursery
-                    body_error = exc
-                finally:
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from group
-            raise
-        if body_error is not None:
-            raise body_error
+        async with running_driver(frontend, driver, run_driver):
+            yield guest
     finally:
         await frontend.aclose()
 

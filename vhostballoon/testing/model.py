@@ -34,6 +34,32 @@ class ModelGuest:
 
 
 @asynccontextmanager
+async def running_driver(frontend: Frontend, driver: BalloonDriver, run=None) -> AsyncIterator[None]:
+    """The driver probed and running (``run``, default ``driver.run``, a
+    task taking ``task_status``) and the backend channel served, until the
+    block ends; then both stop.  An error of the block, or the single error
+    of a task, is raised as itself, not wrapped in an ExceptionGroup."""
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(frontend.serve_backend_channel)
+            await driver.probe()
+            await nursery.start(run or driver.run)
+            try:
+                yield
+            except BaseException as exc:  # re-raised below, outside the nursery, unwrapped
+                body_error = exc
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from group
+        raise
+    if body_error is not None:
+        raise body_error
+
+
+@asynccontextmanager
 async def model_guest(
     socket_path: str | os.PathLike[str],
     *,
@@ -84,24 +110,8 @@ async def model_guest(
         await frontend.initialize()
         driver = BalloonDriver(ram, frontend, accept_features=features, order=order, seed=seed, **driver_options)
         guest = ModelGuest(ram, frontend, driver)
-        body_error: BaseException | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(frontend.serve_backend_channel)
-                await driver.probe()
-                await nursery.start(driver.run)
-                try:
-                    yield guest
-                except BaseException as exc:  # re-raised below, outside the nursery, unwrapped
-                    body_error = exc
-                finally:
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from group
-            raise
-        if body_error is not None:
-            raise body_error
+        async with running_driver(frontend, driver):
+            yield guest
         if stop_on_exit:
             with trio.fail_after(STOP_TIMEOUT):
                 guest.final_vring_bases = await frontend.stop()
