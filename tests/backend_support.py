@@ -5,39 +5,18 @@ whichever conftest.py pytest imported first (tests/e2e has its own)."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-
-import trio
-
 from vhostballoon.server.service import BalloonService
+from vhostballoon.testing.waiting import fd_count, wait_until  # noqa: F401  (shared with scripts/faults)
 
 MiB = 1 << 20
 GiB = 1 << 30
 PAGE = 4096
 SMALL_GUEST = 256 * MiB  # the size most tests use, to keep the suite fast
-POLL = 0.005  # seconds between looks at back-end state
-
-
-def fd_count() -> int:
-    """Open fds of this process (the listdir's own fd counts the same every time)."""
-    return len(os.listdir("/proc/self/fd"))
 
 
 def log_text(entries: list[dict]) -> str:
     """Captured structlog entries as one searchable text (event and values)."""
     return "\n".join(" ".join(f"{k}={v}" for k, v in e.items()) for e in entries)
-
-
-async def wait_until(predicate: Callable[[], object], *, timeout: float = 10.0, what: str = "condition") -> object:
-    """Poll ``predicate`` until it returns something true; return that."""
-    with trio.move_on_after(timeout):
-        while True:
-            value = predicate()
-            if value:
-                return value
-            await trio.sleep(POLL)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 async def wait_no_session(service: BalloonService, *, timeout: float = 10.0) -> None:

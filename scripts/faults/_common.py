@@ -35,11 +35,11 @@ from vhostballoon.server.service import BalloonService
 from vhostballoon.sizes import parse_size
 from vhostballoon.testing import BalloonDriver, DriverError, Frontend, FrontendError, GuestRAM
 from vhostballoon.testing.model import running_driver
+from vhostballoon.testing.waiting import fd_count, wait_until  # noqa: F401  (the scripts import them from here)
 
 MiB = 1 << 20
 GiB = 1 << 30
 PAGE = 4096
-POLL = 0.005  # seconds between looks at some state
 DAEMON = [sys.executable, "-m", "vhostballoon"]
 STARTUP_TIMEOUT = 20.0
 
@@ -119,22 +119,6 @@ def run_script(title: str, body: Callable[[argparse.Namespace, Checks], Any], ar
 
 
 # ---- waiting and measuring ----------------------------------------------------------
-
-
-async def wait_until(predicate: Callable[[], object], *, timeout: float = 10.0, what: str = "condition") -> object:
-    """Poll ``predicate`` until it returns something true; return that."""
-    with trio.move_on_after(timeout):
-        while True:
-            value = predicate()
-            if value:
-                return value
-            await trio.sleep(POLL)
-    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-
-
-def fd_count() -> int:
-    """Open fds of this process (the listdir's own fd counts the same every time)."""
-    return len(os.listdir("/proc/self/fd"))
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
