@@ -6,7 +6,8 @@ whichever conftest.py pytest imported first (tests/e2e has its own)."""
 from __future__ import annotations
 
 from vhostballoon.server.service import BalloonService
-from vhostballoon.testing.waiting import fd_count, wait_until  # noqa: F401  (shared with scripts/faults)
+from vhostballoon.testing.fds import fd_count  # noqa: F401
+from vhostballoon.testing.waiting import wait_until  # noqa: F401  (shared with scripts/faults)
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import struct
-from contextlib import contextmanager
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -42,30 +41,12 @@ from vhostballoon.vhost_user.constants import (
     BackendRequest,
     Request,
 )
+from vhostballoon.testing.fds import is_open, no_fd_leak
 from vhostballoon.vhost_user.errors import LocalProtocolError, ProtocolError
-
-
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def new_fds(n: int) -> list[int]:
     return [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(n)]
-
-
-@contextmanager
-def no_fd_leak():
-    before = open_fd_count()
-    yield
-    assert open_fd_count() == before
 
 
 REGION = MemoryRegion(gpa=0, size=1 << 30, uaddr=0x7F00_0000_0000, mmap_offset=0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import struct
-from contextlib import contextmanager
 
 import pytest
 
@@ -32,6 +31,7 @@ from vhostballoon.vhost_user.constants import (
     ProtocolFeature as PF,
     Request,
 )
+from vhostballoon.testing.fds import is_open, no_fd_leak
 from vhostballoon.vhost_user.errors import LocalProtocolError, ProtocolError
 
 VIRTIO_F_VERSION_1 = 1 << 32
@@ -45,27 +45,8 @@ CONFIG_SIZE = 16
 FEATURES_OK = 8
 
 
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
 def eventfd() -> int:
     return os.eventfd(0, os.EFD_CLOEXEC)
-
-
-@contextmanager
-def no_fd_leak():
-    before = open_fd_count()
-    yield
-    assert open_fd_count() == before
 
 
 def new_conn(protocol_features=BALLOON_PROTOCOL, **kw) -> vu.BackendConnection:

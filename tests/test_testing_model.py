@@ -18,6 +18,7 @@ from array import array
 import pytest
 import trio
 
+from vhostballoon.testing.fds import fd_count as open_fd_count
 from vhostballoon.testing import (
     BackendRejected,
     BalloonDriver,
@@ -52,10 +53,6 @@ FALLOC_FL_PUNCH_HOLE = 2
 def punch(fd: int, pfn: int, count: int = 1) -> None:
     if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, pfn * PAGE, count * PAGE) != 0:
         raise OSError(ctypes.get_errno(), "fallocate")
-
-
-def open_fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 # -- an independent device-side ring reader (virtio 1.2, 2.7) ------------------------

@@ -35,7 +35,8 @@ from vhostballoon.server.service import BalloonService
 from vhostballoon.sizes import parse_size
 from vhostballoon.testing import BalloonDriver, DriverError, Frontend, FrontendError, GuestRAM
 from vhostballoon.testing.model import running_driver
-from vhostballoon.testing.waiting import fd_count, wait_until  # noqa: F401  (the scripts import them from here)
+from vhostballoon.testing.fds import fd_count  # noqa: F401
+from vhostballoon.testing.waiting import wait_until  # noqa: F401  (the scripts import them from here)
 
 MiB = 1 << 20
 GiB = 1 << 30

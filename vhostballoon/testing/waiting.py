@@ -3,7 +3,6 @@ tests and the fault scripts alike."""
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import trio
@@ -26,7 +25,3 @@ async def wait_until(predicate: Callable[[], object], *, timeout: float = 10.0, 
             await trio.sleep(POLL)
     raise WaitTimeout(f"timed out after {timeout} s waiting for {what}")
 
-
-def fd_count() -> int:
-    """Open fds of this process (the listdir's own fd counts the same every time)."""
-    return len(os.listdir("/proc/self/fd"))
