@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 from vhostballoon._native import ffi, lib
 
@@ -789,6 +790,11 @@ class WorkerCounters:
     journal_waits: int = 0
     journal_dropped: int = 0
 
+    # Not running totals: minus() keeps the later value (discard: its own minus).
+    _LATEST: ClassVar[frozenset[str]] = frozenset(
+        {"last_invalid_pfn", "last_unchanged_pfn", "discard", "broken", "running"}
+    )
+
     def minus(self, earlier: WorkerCounters) -> WorkerCounters:
         """What happened since ``earlier`` (the discard failure fields are the latest)."""
         discard = DiscardStats(**{
@@ -796,16 +802,12 @@ class WorkerCounters:
         })
         if discard.bytes_failed:
             discard.last_errno, discard.failed_region = self.discard.last_errno, self.discard.failed_region
-        counts = {
-            name: getattr(self, name) - getattr(earlier, name)
-            for name in ("kicks", "spurious_kicks", "batches", "buffers", "pfns", "changed", "invalid", "unchanged",
-                         "pending_dropped", "signals", "flushes", "freed_measured")
+        totals = {
+            f.name: getattr(self, f.name) - getattr(earlier, f.name)
+            for f in fields(self) if f.name not in self._LATEST
         }
-        return WorkerCounters(**counts, last_invalid_pfn=self.last_invalid_pfn,
-                              last_unchanged_pfn=self.last_unchanged_pfn, discard=discard,
-                              broken=self.broken, running=self.running,
-                              journal_waits=self.journal_waits - earlier.journal_waits,
-                              journal_dropped=self.journal_dropped - earlier.journal_dropped)
+        latest = {name: getattr(self, name) for name in self._LATEST if name != "discard"}
+        return WorkerCounters(**totals, **latest, discard=discard)
 
 
 class QueueWorker:
