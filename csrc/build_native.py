@@ -14,7 +14,7 @@ import re
 import cffi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-C_FILES = ["mem.c", "vring.c", "discard.c", "track.c", "serve.c", "persist.c"]
+C_FILES = ["mem.c", "vring.c", "discard.c", "track.c", "serve.c", "persist.c", "front.c"]
 HEADERS = ["vb.h", "vb_internal.h"]
 
 

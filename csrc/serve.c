@@ -110,6 +110,7 @@ struct vb_worker {
     int kick_fd, call_fd, notify_fd, stop_fd;   /* our own duplicates */
     uint64_t flush_pages;   /* atomic: collect pending pages at this many; 0 never */
     int stop;               /* atomic: leave at the next batch boundary */
+    int pending_notice;     /* atomic: notify when pending pages appear (once; the session re-asks) */
     vb_journal *journal;
     pthread_t thread;
     int started;
@@ -309,7 +310,8 @@ static int serve_available(vb_worker *w)
             /* Freed before the buffers go back: the guest may reuse a page
              * only after it deflates it, and its deflate waits for our lock. */
             free_now(w, n_ranges, &st, &measured, &flushed);
-            if (pending_before == 0 && vb_track_pending(w->mem, 1, NULL) > 0) {
+            if (pending_before == 0 && vb_track_pending(w->mem, 1, NULL) > 0 &&
+                __atomic_exchange_n(&w->pending_notice, 0, __ATOMIC_ACQ_REL)) {
                 notify = 1;   /* the session arms the flush deadline */
             }
         } else {
@@ -458,6 +460,7 @@ vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
     w->vq = vq;
     w->inflate = inflate ? 1 : 0;
     w->flush_pages = flush_pages;
+    w->pending_notice = 1;
     w->journal = journal;
     w->c.discard.failed_region = -1;
     pthread_mutex_init(&w->counters_mu, NULL);
@@ -487,6 +490,7 @@ vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
         worker_release(w);
         return NULL;
     }
+    pthread_setname_np(w->thread, w->inflate ? "vb-inflate" : "vb-deflate");
     w->started = 1;
     return w;
 }
@@ -508,6 +512,11 @@ int vb_worker_set_call_fd(vb_worker *w, int call_fd)
 void vb_worker_set_journal(vb_worker *w, vb_journal *journal)
 {
     w->journal = journal;
+}
+
+void vb_worker_notice_pending(vb_worker *w)
+{
+    __atomic_store_n(&w->pending_notice, 1, __ATOMIC_RELEASE);
 }
 
 void vb_worker_set_flush_pages(vb_worker *w, uint64_t pages)

@@ -361,12 +361,58 @@ void vb_worker_set_journal(vb_worker *w, vb_journal *journal);
 /* Replaces the call eventfd (duplicated; -1: none).  Hold the lock.  -1 if dup failed. */
 int vb_worker_set_call_fd(vb_worker *w, int call_fd);
 void vb_worker_set_flush_pages(vb_worker *w, uint64_t pages);
+/* The worker notifies when pending pages appear only once, then not until
+ * asked again with this (the session, once its flush deadline is not armed). */
+void vb_worker_notice_pending(vb_worker *w);
 void vb_worker_get_counters(vb_worker *w, vb_worker_counters *out);
 /* Asks the worker to stop at the next batch boundary; does not wait.  Once
  * the caller then holds the lock, the worker will not touch the queue again. */
 void vb_worker_request_stop(vb_worker *w);
 void vb_worker_join(vb_worker *w);  /* blocking: waits for the thread to end */
 void vb_worker_free(vb_worker *w);  /* joins if needed, closes its fds, frees */
+
+/* ---- the front-end's socket (front.c) --------------------------------------
+ * A thread reads the vhost-user socket.  It answers GET_CONFIG and
+ * SET_CONFIG of the shape QEMU sends (offset 0, whole 16-byte config, flags
+ * 0, no fds) when the session allows it and its decoder is at a message
+ * boundary; every other chunk goes to the session verbatim, and the thread
+ * waits until the session resumes it. */
+typedef struct vb_front vb_front;
+
+typedef struct vb_front_chunk {
+    uint32_t len;       /* bytes copied to the caller's buffer */
+    int nfds;
+    int fds[8];         /* now the caller's */
+    int eof;            /* the peer closed the connection */
+    int ctrunc;         /* more fds than a message may carry arrived: they were closed */
+    int error;          /* errno of a failed read or write; the thread has ended */
+} vb_front_chunk;
+
+typedef struct vb_front_counters {
+    uint64_t config_reads;    /* GET_CONFIGs answered by the thread */
+    uint64_t config_writes;   /* SET_CONFIGs taken by the thread */
+    uint64_t handed_over;     /* chunks handed to the session */
+    uint64_t log_full;        /* SET_CONFIGs handed over because the write log was full */
+} vb_front_counters;
+
+/* Starts the thread on a duplicate of sock_fd; it writes chunk_fd when a
+ * chunk waits (vb_front_take) and writes_fd when config writes wait
+ * (vb_front_take_config_writes).  It answers nothing until the first
+ * vb_front_resume(fast=1).  NULL on failure (err). */
+vb_front *vb_front_start(int sock_fd, int chunk_fd, int writes_fd, char *err, size_t errlen);
+/* 1: the waiting chunk was copied to out/data (cap bytes at most); 0: none waits. */
+int vb_front_take(vb_front *f, vb_front_chunk *out, uint8_t *data, uint32_t cap);
+/* The session handled the chunk it took; fast: the thread may answer config
+ * messages; partial: the session's decoder holds part of a message. */
+void vb_front_resume(vb_front *f, int fast, int partial);
+/* The whole 16-byte config: only while the thread waits for a resume. */
+void vb_front_set_config(vb_front *f, const uint8_t *config);
+void vb_front_set_num_pages(vb_front *f, uint32_t num_pages);
+/* Moves up to cap logged changes of actual (with num_pages at that moment)
+ * out of the log, oldest first; returns how many. */
+uint32_t vb_front_take_config_writes(vb_front *f, uint32_t *actual, uint32_t *num_pages, uint32_t cap);
+void vb_front_get_counters(vb_front *f, vb_front_counters *out);
+void vb_front_free(vb_front *f);   /* stops and joins the thread, closes its fds */
 
 /* CDEF-END */
 

@@ -249,8 +249,13 @@ async def test_control_socket_commands_errors_and_events(backend):
                 assert event["event"] == "BALLOON_CHANGE"
                 assert set(event["timestamp"]) == {"seconds", "microseconds"}
                 actuals.append(event["data"]["actual"])
-            # One event per inflate buffer of 256 PFNs (1 MiB), none missed.
-            assert actuals == list(range(SMALL_GUEST - 1 * MiB, 128 * MiB - 1, -1 * MiB))
+            # The guest's writes of actual after each inflate buffer of 256
+            # PFNs (1 MiB), in order; a burst of writes is one event, the
+            # latest (as QEMU throttles BALLOON_CHANGE), so some steps may be
+            # skipped but none comes out of order and the last is there.
+            steps = set(range(SMALL_GUEST - 1 * MiB, 128 * MiB - 1, -1 * MiB))
+            assert actuals == sorted(set(actuals), reverse=True)
+            assert set(actuals) <= steps and actuals[-1] == 128 * MiB
             assert guest.actual_pages == (SMALL_GUEST - 128 * MiB) // PAGE
     finally:
         await control.aclose()

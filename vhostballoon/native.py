@@ -849,6 +849,11 @@ class QueueWorker:
     def set_flush_pages(self, pages: int) -> None:
         lib.vb_worker_set_flush_pages(self._worker, pages)
 
+    def notice_pending(self) -> None:
+        """Notify once more when pending pages appear (it notifies once, then
+        waits to be asked again: the session's flush deadline covers them)."""
+        lib.vb_worker_notice_pending(self._worker)
+
     def set_journal(self, journal: PageJournal | None) -> None:
         """Hold the lock.  Every batch is journaled before its buffers go back."""
         lib.vb_worker_set_journal(self._worker, ffi.NULL if journal is None else journal._journal)
@@ -879,6 +884,103 @@ class QueueWorker:
             lib.vb_worker_free(self._worker)
             self._worker = None
             self._keep = None
+
+
+# ---- the front-end's socket (csrc/front.c) -------------------------------------------
+
+_FRONT_CHUNK_MAX = 65536
+_CONFIG_WRITES_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class FrontChunk:
+    """What the reader thread handed over: bytes and fds exactly as one
+    recvmsg returned them (minus leading config messages it answered), or
+    the end of the connection."""
+
+    data: bytes
+    fds: list[int]
+    eof: bool = False
+    fds_truncated: bool = False  # more fds than a message may carry arrived; they were closed
+    error: int = 0  # errno of a failed read or write (the thread has ended)
+
+
+@dataclass(frozen=True)
+class FrontCounters:
+    config_reads: int  # GET_CONFIGs answered by the reader thread
+    config_writes: int  # SET_CONFIGs taken by the reader thread
+    handed_over: int  # chunks handed to the session
+    log_full: int  # SET_CONFIGs handed over because the write log was full
+
+
+class FrontReader:
+    """A C thread reading the front-end's socket (csrc/front.c).  It answers
+    GET_CONFIG and SET_CONFIG of the shape QEMU sends once allowed
+    (resume(fast=True)), and hands every other chunk to the session:
+    ``chunk_fd`` becomes readable, take() returns it, resume() lets the
+    thread read on.  ``writes_fd`` becomes readable when changes of
+    ``actual`` wait in take_config_writes().  The socket fd is duplicated:
+    the caller keeps its own."""
+
+    def __init__(self, sock_fd: int) -> None:
+        self.chunk_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.writes_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        err = _errbuf()
+        front = lib.vb_front_start(sock_fd, self.chunk_fd, self.writes_fd, err, _ERRLEN)
+        if front == ffi.NULL:
+            os.close(self.chunk_fd)
+            os.close(self.writes_fd)
+            raise OSError(_errtext(err))
+        self._front = front
+        self._chunk = ffi.new("vb_front_chunk *")
+        self._data = ffi.new("uint8_t[]", _FRONT_CHUNK_MAX)
+        self._actual = ffi.new("uint32_t[]", _CONFIG_WRITES_BATCH)
+        self._num_pages = ffi.new("uint32_t[]", _CONFIG_WRITES_BATCH)
+        self._counters = ffi.new("vb_front_counters *")
+
+    def take(self) -> FrontChunk | None:
+        c = self._chunk
+        if not lib.vb_front_take(self._front, c, self._data, _FRONT_CHUNK_MAX):
+            return None
+        return FrontChunk(
+            bytes(ffi.buffer(self._data, c.len)), [c.fds[i] for i in range(c.nfds)],
+            eof=bool(c.eof), fds_truncated=bool(c.ctrunc), error=c.error,
+        )
+
+    def resume(self, *, fast: bool, partial: bool) -> None:
+        lib.vb_front_resume(self._front, 1 if fast else 0, 1 if partial else 0)
+
+    def set_config(self, config: bytes) -> None:
+        """The whole config; only between take() and resume()."""
+        if len(config) != 16:
+            raise ValueError(f"config is {len(config)} bytes, expected 16")
+        lib.vb_front_set_config(self._front, config)
+
+    def set_num_pages(self, num_pages: int) -> None:
+        lib.vb_front_set_num_pages(self._front, num_pages)
+
+    def take_config_writes(self) -> list[tuple[int, int]]:
+        """Changes of actual the thread took, oldest first: (actual, num_pages then)."""
+        out: list[tuple[int, int]] = []
+        while True:
+            n = lib.vb_front_take_config_writes(self._front, self._actual, self._num_pages, _CONFIG_WRITES_BATCH)
+            out.extend(zip(self._actual[0:n], self._num_pages[0:n]))
+            if n < _CONFIG_WRITES_BATCH:
+                return out
+
+    def counters(self) -> FrontCounters:
+        c = self._counters
+        lib.vb_front_get_counters(self._front, c)
+        return FrontCounters(c.config_reads, c.config_writes, c.handed_over, c.log_full)
+
+    def close(self) -> None:
+        """Stops and joins the thread (blocking, briefly: it never waits on
+        anything but its socket and the session), closes the eventfds."""
+        if self._front is not None:
+            lib.vb_front_free(self._front)
+            self._front = None
+            os.close(self.chunk_fd)
+            os.close(self.writes_fd)
 
 
 # ---- fault injection (scripts/faults/ only) -----------------------------------------

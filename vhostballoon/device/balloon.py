@@ -129,9 +129,11 @@ class BalloonDevice:
         check_access(offset, size)
         return self.config.pack()[offset : offset + size]
 
-    def write_config(self, offset: int, data: bytes) -> ConfigWrite:
+    def write_config(self, offset: int, data: bytes, *, num_pages: int | None = None) -> ConfigWrite:
         """A driver write. Only ``actual`` and ``poison_val`` are taken: QEMU
-        forwards the whole struct and its num_pages may be stale."""
+        forwards the whole struct and its num_pages may be stale.  num_pages:
+        the target when the guest wrote it, if that was earlier (a replayed
+        write), for the deflate-on-OOM accounting."""
         check_access(offset, len(data))
         raw = bytearray(self.config.pack())
         raw[offset : offset + len(data)] = data
@@ -142,7 +144,8 @@ class BalloonDevice:
         if offset < POISON_OFFSET + 4 and offset + len(data) > POISON_OFFSET:
             self.config.poison_val = written.poison_val
         write = ConfigWrite(old, self.config.actual, self.config.poison_val)
-        unasked = min(old, self.config.num_pages) - write.new_actual
+        target = self.config.num_pages if num_pages is None else num_pages
+        unasked = min(old, target) - write.new_actual
         if unasked > 0:
             self.counters.pages_deflated_unasked += unasked
         return write

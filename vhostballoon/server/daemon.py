@@ -94,7 +94,8 @@ async def serve_frontends(listener: socket.socket, service: BalloonService) -> N
         number = service.sessions_served
         with structlog.contextvars.bound_contextvars(frontend=number):
             log.info("front-end connected")
-            session = FrontendSession(FdStream(conn), service, features=service.features)
+            session = FrontendSession(FdStream(conn), service, features=service.features,
+                                      fast_config=service.fast_config)
             service.session = session
             try:
                 await session.run()

@@ -42,8 +42,13 @@ class BalloonService:
         state: StateStore | None = None,
         flush_policy: FlushPolicy | None = None,
         stats_interval: float = DEFAULT_STATS_INTERVAL,
+        fast_config: bool = True,
     ) -> None:
         self.features = features
+        # Sessions answer the guest's per-buffer GET_CONFIG/SET_CONFIG in
+        # their C reader thread (False: every message through Python, for
+        # tests that compare the two).
+        self.fast_config = fast_config
         self.stats_interval = self._check_interval(stats_interval)
         self.state = state
         saved = state.load() if state is not None else {}
@@ -153,6 +158,7 @@ class BalloonService:
             result.update(describe_discards(device.counters.discard))
             result["host-allocated-bytes"] = session.memory.allocated_bytes()
             result["broken-queues"] = session.broken_queues()
+            result.update(session.describe_front())
             result["guest-stats"] = device.stats.describe(self.stats_interval)
         return result
 

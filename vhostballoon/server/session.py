@@ -43,13 +43,14 @@ import structlog
 import trio
 
 from ..device.balloon import BalloonDevice, FeatureError
-from ..device.config import CONFIG_SIZE, ConfigAccessError
+from ..device.config import ACTUAL_OFFSET, CONFIG_SIZE, ConfigAccessError
 from ..device.features import MAX_QUEUES, QueueRole
 from ..device.hugepages import FlushPolicy, HugePageTracker, HugePolicy
 from ..device.reporting import ReportPlan
 from ..native import (
     PAGE_SHIFT,
     PAGE_SIZE,
+    FrontReader,
     GuestMemory,
     MemoryTableError,
     NativeLock,
@@ -64,7 +65,7 @@ from ..vhost_user import connection as vu
 from ..vhost_user.constants import VHOST_USER_F_PROTOCOL_FEATURES, BackendRequest, ProtocolFeature
 from ..vhost_user.errors import ProtocolError
 from .persist import SessionPersistence
-from .transport import FdStream, TransportError, close_fds
+from .transport import FdStream, close_fds
 
 log = structlog.get_logger("vhostballoon.session")
 
@@ -77,6 +78,12 @@ MAX_MEM_SLOTS = 32  # csrc/vb.h: vb_mem holds 32 regions
 BACKEND_REPLY_TIMEOUT = 5.0  # seconds to wait for the front-end's ack of CONFIG_CHANGE_MSG
 # Reporting buffers with invalid entries logged per connection; later ones are only counted.
 INVALID_REPORT_LOG_LIMIT = 20
+# The guest's writes of ``actual`` taken by the reader thread are replayed
+# (events, accounting, "guest at target") at most this often, in batches.
+CONFIG_WRITES_INTERVAL = 0.02
+TRUNCATED_FDS = (
+    "peer sent more fds than a vhost-user message may carry (8); ancillary data truncated"
+)
 
 
 class SessionClosed(Exception):
@@ -143,9 +150,14 @@ class QueueState:
 
 
 class FrontendSession:
-    def __init__(self, stream: FdStream, service, *, features: int) -> None:
+    def __init__(self, stream: FdStream, service, *, features: int, fast_config: bool = True) -> None:
         self.stream = stream
         self.service = service
+        # Reads the socket; answers the guest's per-buffer GET_CONFIG and
+        # SET_CONFIG itself once allowed (fast_config), hands the rest to
+        # _receive_loop.
+        self.front = FrontReader(stream.sock.fileno())
+        self.fast_config = fast_config
         self.memory = GuestMemory()
         self.device = BalloonDevice(self.memory, features, target_bytes=service.target_bytes)
         self.conn = vu.BackendConnection(
@@ -201,6 +213,7 @@ class FrontendSession:
                 nursery.start_soon(self._stats_timer)
                 nursery.start_soon(self._notify_loop)
                 nursery.start_soon(self._snapshot_timer)
+                nursery.start_soon(self._config_writes_loop)
                 try:
                     await self._receive_loop()
                 finally:
@@ -210,6 +223,11 @@ class FrontendSession:
             self.close()
 
     def close(self) -> None:
+        if self.front is not None:  # first: nothing is answered from now on
+            for fd in (self.front.chunk_fd, self.front.writes_fd):
+                trio.lowlevel.notify_closing(fd)
+            self.front.close()
+            self.front = None
         for q in self.queues:
             self._stop_worker(q)
             for name in ("kick_fd", "call_fd", "err_fd"):
@@ -234,19 +252,23 @@ class FrontendSession:
         self.stream.close()
 
     async def _receive_loop(self) -> None:
+        front = self.front
         while True:
-            try:
-                data, fds = await self.stream.receive()
-            except TransportError as exc:
-                log.error("bad input from front-end: closing the connection", error=str(exc))
+            await trio.lowlevel.wait_readable(front.chunk_fd)
+            chunk = front.take()
+            if chunk is None:
+                continue
+            self._apply_config_writes()  # what the guest wrote before this chunk
+            if chunk.error:
+                log.warning("front-end connection failed", error=str(OSError(chunk.error, os.strerror(chunk.error))))
                 return
-            except OSError as exc:
-                log.warning("front-end connection failed", error=str(exc))
+            if chunk.fds_truncated:
+                log.error("bad input from front-end: closing the connection", error=TRUNCATED_FDS)
                 return
-            if not data:
-                close_fds(fds)
+            if chunk.eof:
                 log.info("front-end left")
                 return
+            data, fds = chunk.data, chunk.fds
             try:
                 self.conn.receive_data(data, fds)
                 while True:
@@ -263,6 +285,28 @@ class FrontendSession:
             except SessionClosed:
                 await self._flush_quietly()
                 return
+            front.set_config(self.device.config.pack())
+            front.resume(fast=self.fast_config and self._config_negotiated(), partial=self.conn.has_partial_message)
+
+    def _config_negotiated(self) -> bool:
+        """GET_CONFIG and SET_CONFIG are legal now (as conn's RULES say)."""
+        conn = self.conn
+        return conn.protocol_features_set and bool(conn.acked_protocol_features & ProtocolFeature.CONFIG)
+
+    async def _config_writes_loop(self) -> None:
+        """Replay the writes of actual the reader thread took, in batches."""
+        while True:
+            await trio.lowlevel.wait_readable(self.front.writes_fd)
+            self._apply_config_writes()
+            await trio.sleep(CONFIG_WRITES_INTERVAL)
+
+    def _apply_config_writes(self) -> None:
+        if self.front is None:
+            return
+        writes = self.front.take_config_writes()
+        for i, (actual, num_pages) in enumerate(writes, 1):
+            self._config_written(ACTUAL_OFFSET, actual.to_bytes(4, "little"), num_pages=num_pages,
+                                 announce=i == len(writes))
 
     async def _flush(self) -> None:
         out = self.conn.data_to_send()
@@ -548,7 +592,9 @@ class FrontendSession:
 
     def absorb_queue_work(self) -> None:
         """Bring the C workers' counters into the device's (call before
-        describing it) and act on what they report."""
+        describing it) and act on what they report; replay the config
+        writes the reader thread took."""
+        self._apply_config_writes()
         for q, worker in list(self._workers()):
             self._absorb(q, worker)
 
@@ -586,6 +632,14 @@ class FrontendSession:
             if self.persist.snapshot_soon():
                 async with self.memory_lock:
                     self.persist.snapshot("journal half full")
+
+    def describe_front(self) -> dict[str, int]:
+        """The reader thread's figures for query-balloon."""
+        if self.front is None:
+            return {}
+        c = self.front.counters()
+        return {"config-reads-in-c": c.config_reads, "config-writes-in-c": c.config_writes,
+                "chunks-to-session": c.handed_over}
 
     def broken_queues(self) -> dict[int, str]:
         return {q.index: q.broken for q in self.queues if q.broken}
@@ -765,6 +819,7 @@ class FrontendSession:
     async def flush_pending(self, reason: str) -> None:
         """Free the pending pages of partly ballooned huge pages if the policy
         says so now (after a deadline, at the target, on a policy change)."""
+        self._apply_config_writes()
         async with self.memory_lock:
             if self.huge.flush_due(guest_at_target=self._guest_at_target()):
                 ranges = self.huge.collect()
@@ -783,8 +838,15 @@ class FrontendSession:
         self._arm_flush_timer()
 
     def _arm_flush_timer(self) -> None:
+        if self._flush_timer_armed or self.nursery is None:
+            return
+        # The inflate worker tells once when pending pages appear; ask again
+        # before looking, so pages that appear after the look are told.
+        for q in self.queues:
+            if q.worker is not None and q.worker.inflate:
+                q.worker.notice_pending()
         delay = self.huge.flush_delay()
-        if delay is None or self._flush_timer_armed or self.nursery is None:
+        if delay is None:
             return
         self._flush_timer_armed = True
         self.nursery.start_soon(self._timed_flush, delay)
@@ -874,9 +936,17 @@ class FrontendSession:
         return self.device.read_config(ev.offset, ev.size)
 
     async def _on_config_set(self, ev: vu.ConfigSet) -> None:
+        self._config_written(ev.offset, ev.data)
+
+    def _config_written(self, offset: int, data: bytes, *, num_pages: int | None = None, announce: bool = True) -> None:
+        """A guest write of the config, through the connection or replayed
+        from the reader thread (num_pages: the target when it was written).
+        announce=False (all but the last of a replayed batch): the new actual
+        is neither published as BALLOON_CHANGE nor recorded on disk, as QEMU
+        throttles BALLOON_CHANGE to the latest value."""
         unasked_before = self.device.counters.pages_deflated_unasked
         poison_before = self.device.config.poison_val
-        write = self.device.write_config(ev.offset, ev.data)
+        write = self.device.write_config(offset, data, num_pages=num_pages)
         if write.poison_val != poison_before:
             log.info(
                 "guest page poison value",
@@ -885,7 +955,8 @@ class FrontendSession:
                                 if write.poison_val else "discarded"),
             )
         if write.actual_changed:
-            self.persist.record_actual(write.new_actual)
+            if announce:
+                self.persist.record_actual(write.new_actual)
             actual = self.device.actual_bytes
             log.debug("guest balloon size", actual_pages=write.new_actual, num_pages=self.device.config.num_pages)
             unasked = self.device.counters.pages_deflated_unasked - unasked_before
@@ -894,8 +965,9 @@ class FrontendSession:
                     "guest deflated its balloon below the target on its own (deflate-on-OOM)",
                     pages=unasked, actual=actual, num_pages=self.device.config.num_pages,
                 )
-            self.service.publish("BALLOON_CHANGE", {"actual": actual})
-            if write.new_actual == self.device.config.num_pages:
+            if announce:
+                self.service.publish("BALLOON_CHANGE", {"actual": actual})
+            if write.new_actual == (self.device.config.num_pages if num_pages is None else num_pages):
                 log.info(
                     "guest reached the target",
                     actual=actual,
@@ -909,6 +981,8 @@ class FrontendSession:
 
     def set_target(self, target_bytes: int) -> None:
         if self.device.set_target(target_bytes):
+            if self.front is not None:
+                self.front.set_num_pages(self.device.config.num_pages)
             log.info("new target for the guest", num_pages=self.device.config.num_pages)
             self._notify_config_change()
 

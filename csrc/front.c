@@ -1,0 +1,515 @@
+/*
+ * Reading the front-end's socket in C, and answering the two messages a
+ * ballooning guest sends per buffer without waking Python.
+ *
+ * The Linux driver reads num_pages before each buffer and writes actual
+ * after it; QEMU turns each into GET_CONFIG and SET_CONFIG on the vhost-user
+ * socket, so a guest giving back 1 GiB sends 2048 of them.  Through the
+ * Python session each cost about 100 us of CPU, more than the kernel's work
+ * of freeing the pages.  A front thread now reads the socket:
+ *
+ * - a chunk that starts at a message boundary (the session's decoder holds
+ *   nothing) and brought no fds is walked message by message; each leading
+ *   GET_CONFIG or SET_CONFIG of the one shape QEMU sends (offset 0, the
+ *   whole 16-byte config, flags 0, no fds) is answered here; whatever
+ *   remains is handed to the session verbatim;
+ * - every other chunk (fds, a message split across reads, EOF, an error)
+ *   goes to the session verbatim, exactly as the kernel returned it, and the
+ *   thread waits until the session has handled it and says whether it may
+ *   answer config messages again (vb_front_resume).
+ *
+ * So the session's sans-I/O connection sees the same bytes and fds, in the
+ * same chunks, as before, minus complete well-formed config messages, and
+ * every error message and reply it produced is still produced by it.  Only
+ * the session writes the socket while the thread waits; only the thread
+ * writes it otherwise.
+ *
+ * The config: the session owns num_pages (vb_front_set_num_pages, any time)
+ * and sets the whole config while the thread waits (vb_front_set_config).
+ * SET_CONFIG here takes actual (as the session would: num_pages and
+ * free_page_hint_cmd_id of a driver write are ignored); a write that would
+ * change poison_val goes to the session, which logs it.  Each change of
+ * actual is logged with the num_pages of that moment for the session to
+ * replay (events, deflate-on-OOM accounting, "guest at target");
+ * writes_fd is written when the log stops being empty and when actual
+ * reaches num_pages.  A full log sends the write to the session instead.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "vb_internal.h"
+
+#define FRONT_BUF 65536
+#define FRONT_MAX_FDS 8
+#define HDR 12
+#define CFG_HDR 12
+#define REQ_GET_CONFIG 24
+#define REQ_SET_CONFIG 25
+#define F_VERSION 0x1u
+#define F_REPLY 0x4u
+#define F_NEED_REPLY 0x8u
+#define CFG_SIZE 16
+#define OFF_ACTUAL 4
+#define OFF_POISON 12
+#define WRITE_LOG 4096
+
+struct vb_front {
+    int sock, chunk_fd, writes_fd, stop_fd, resume_fd;  /* our own duplicates / eventfds */
+    pthread_t thread;
+    int started;
+    int stop;             /* atomic */
+
+    /* The chunk waiting for the session (state: under mu). */
+    pthread_mutex_t mu;
+    int waiting;          /* a chunk is handed over and not resumed yet */
+    int taken;            /* the session took it */
+    vb_front_chunk chunk;
+    uint8_t *buf;         /* FRONT_BUF: what recvmsg returned; the chunk is buf[chunk_off..] */
+    uint32_t chunk_off;
+    int fast;             /* the session allows answering config messages here */
+    int partial;          /* the session's decoder holds part of a message */
+
+    /* Config and its write log (under cfg_mu). */
+    pthread_mutex_t cfg_mu;
+    uint8_t config[CFG_SIZE];
+    uint32_t log_actual[WRITE_LOG], log_num_pages[WRITE_LOG];
+    uint32_t log_len;
+
+    vb_front_counters c;  /* fields updated atomically */
+};
+
+static inline uint32_t le32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline void put32(uint8_t *p, uint32_t v)
+{
+    p[0] = v;
+    p[1] = v >> 8;
+    p[2] = v >> 16;
+    p[3] = v >> 24;
+}
+
+static void signal_fd(int fd)
+{
+    uint64_t one = 1;
+
+    if (write(fd, &one, sizeof(one)) < 0) {
+        /* EAGAIN: saturated, a wakeup is pending anyway */
+    }
+}
+
+static void drain_fd(int fd)
+{
+    uint64_t v;
+
+    if (read(fd, &v, sizeof(v)) < 0) {
+        /* EAGAIN: nothing was pending */
+    }
+}
+
+static int stopping(vb_front *f)
+{
+    return __atomic_load_n(&f->stop, __ATOMIC_ACQUIRE);
+}
+
+/* Sends all of data (the socket may be non-blocking: it is shared with the
+ * event loop's).  0, or -1 with errno (or stop requested). */
+static int send_all(vb_front *f, const uint8_t *data, size_t len)
+{
+    while (len > 0) {
+        ssize_t n = send(f->sock, data, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+
+        if (n > 0) {
+            data += n;
+            len -= (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0 && errno == EAGAIN) {
+            struct pollfd p[2] = {{f->sock, POLLOUT, 0}, {f->stop_fd, POLLIN, 0}};
+
+            if (poll(p, 2, -1) < 0 && errno != EINTR) {
+                return -1;
+            }
+            if (stopping(f)) {
+                errno = ECANCELED;
+                return -1;
+            }
+            continue;
+        }
+        return -1;
+    }
+    return 0;
+}
+
+/* Length of the complete GET_CONFIG/SET_CONFIG at p that may be answered
+ * here, or 0: leave it (and all after it) to the session. */
+static size_t hot_length(vb_front *f, const uint8_t *p, size_t len)
+{
+    uint32_t request, flags, size;
+
+    if (len < HDR) {
+        return 0;
+    }
+    request = le32(p);
+    flags = le32(p + 4);
+    size = le32(p + 8);
+    if (request != REQ_GET_CONFIG && request != REQ_SET_CONFIG) {
+        return 0;
+    }
+    if ((flags != F_VERSION && flags != (F_VERSION | F_NEED_REPLY)) || size != CFG_HDR + CFG_SIZE ||
+        len < HDR + (size_t)size) {
+        return 0;
+    }
+    if (le32(p + HDR) != 0 || le32(p + HDR + 4) != CFG_SIZE || le32(p + HDR + 8) != 0) {
+        return 0;  /* offset 0, the whole config, flags 0 (front-end) only */
+    }
+    return HDR + size;
+}
+
+/* 1: answered; 0: leave it to the session; -1: the socket failed. */
+static int answer(vb_front *f, const uint8_t *msg)
+{
+    uint8_t reply[HDR + CFG_HDR + CFG_SIZE];
+    uint32_t request = le32(msg), flags = le32(msg + 4);
+
+    if (request == REQ_GET_CONFIG) {
+        put32(reply, REQ_GET_CONFIG);
+        put32(reply + 4, F_VERSION | F_REPLY);
+        put32(reply + 8, CFG_HDR + CFG_SIZE);
+        put32(reply + HDR, 0);
+        put32(reply + HDR + 4, CFG_SIZE);
+        put32(reply + HDR + 8, 0);
+        pthread_mutex_lock(&f->cfg_mu);
+        memcpy(reply + HDR + CFG_HDR, f->config, CFG_SIZE);
+        pthread_mutex_unlock(&f->cfg_mu);
+        if (send_all(f, reply, sizeof(reply)) < 0) {
+            return -1;
+        }
+        __atomic_add_fetch(&f->c.config_reads, 1, __ATOMIC_RELAXED);
+        return 1;
+    } else {
+        const uint8_t *data = msg + HDR + CFG_HDR;
+        uint32_t actual = le32(data + OFF_ACTUAL), num_pages;
+        int wake = 0;
+
+        pthread_mutex_lock(&f->cfg_mu);
+        if (le32(data + OFF_POISON) != le32(f->config + OFF_POISON)) {
+            pthread_mutex_unlock(&f->cfg_mu);
+            return 0;  /* the session logs a poison change */
+        }
+        if (actual != le32(f->config + OFF_ACTUAL)) {
+            if (f->log_len == WRITE_LOG) {
+                pthread_mutex_unlock(&f->cfg_mu);
+                __atomic_add_fetch(&f->c.log_full, 1, __ATOMIC_RELAXED);
+                return 0;
+            }
+            num_pages = le32(f->config);
+            wake = f->log_len == 0 || actual == num_pages;
+            f->log_actual[f->log_len] = actual;
+            f->log_num_pages[f->log_len] = num_pages;
+            f->log_len++;
+            put32(f->config + OFF_ACTUAL, actual);
+        }
+        pthread_mutex_unlock(&f->cfg_mu);
+        __atomic_add_fetch(&f->c.config_writes, 1, __ATOMIC_RELAXED);
+        if (flags & F_NEED_REPLY) {
+            put32(reply, REQ_SET_CONFIG);
+            put32(reply + 4, F_VERSION | F_REPLY);
+            put32(reply + 8, 8);
+            memset(reply + HDR, 0, 8);
+            if (send_all(f, reply, HDR + 8) < 0) {
+                return -1;
+            }
+        }
+        if (wake) {
+            signal_fd(f->writes_fd);
+        }
+        return 1;
+    }
+}
+
+/* Hands buf[off..off+len) and fds to the session and waits until it has
+ * handled them.  0: carry on; -1: stop. */
+static int hand_over(vb_front *f, uint32_t off, uint32_t len, const int *fds, int nfds, int eof, int ctrunc,
+                     int error)
+{
+    struct pollfd p[2] = {{f->resume_fd, POLLIN, 0}, {f->stop_fd, POLLIN, 0}};
+
+    pthread_mutex_lock(&f->mu);
+    memset(&f->chunk, 0, sizeof(f->chunk));
+    f->chunk.len = len;
+    f->chunk.nfds = nfds;
+    memcpy(f->chunk.fds, fds, (size_t)nfds * sizeof(int));
+    f->chunk.eof = eof;
+    f->chunk.ctrunc = ctrunc;
+    f->chunk.error = error;
+    f->chunk_off = off;
+    f->waiting = 1;
+    f->taken = 0;
+    pthread_mutex_unlock(&f->mu);
+    __atomic_add_fetch(&f->c.handed_over, 1, __ATOMIC_RELAXED);
+    signal_fd(f->chunk_fd);
+    for (;;) {
+        if (poll(p, 2, -1) < 0 && errno != EINTR) {
+            return -1;
+        }
+        if (stopping(f)) {
+            return -1;
+        }
+        if (p[0].revents & POLLIN) {
+            drain_fd(f->resume_fd);
+            pthread_mutex_lock(&f->mu);
+            if (!f->waiting) {
+                pthread_mutex_unlock(&f->mu);
+                return 0;
+            }
+            pthread_mutex_unlock(&f->mu);
+        }
+    }
+}
+
+static void *front_main(void *arg)
+{
+    vb_front *f = arg;
+    union {
+        char space[CMSG_SPACE(FRONT_MAX_FDS * sizeof(int))];
+        struct cmsghdr align;
+    } control;
+
+    for (;;) {
+        struct pollfd p[2] = {{f->sock, POLLIN, 0}, {f->stop_fd, POLLIN, 0}};
+        struct iovec iov = {f->buf, FRONT_BUF};
+        struct msghdr mh = {0};
+        struct cmsghdr *cm;
+        int fds[FRONT_MAX_FDS * 2], nfds = 0, ctrunc, fast, partial;
+        ssize_t n;
+        size_t off = 0;
+
+        if (poll(p, 2, -1) < 0 && errno != EINTR) {
+            hand_over(f, 0, 0, fds, 0, 0, 0, errno);
+            break;
+        }
+        if (stopping(f)) {
+            break;
+        }
+        if (!(p[0].revents & (POLLIN | POLLHUP | POLLERR))) {
+            continue;
+        }
+        mh.msg_iov = &iov;
+        mh.msg_iovlen = 1;
+        mh.msg_control = control.space;
+        mh.msg_controllen = sizeof(control.space);
+        n = recvmsg(f->sock, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR) {
+                continue;
+            }
+            hand_over(f, 0, 0, fds, 0, 0, 0, errno);
+            break;
+        }
+        for (cm = CMSG_FIRSTHDR(&mh); cm != NULL; cm = CMSG_NXTHDR(&mh, cm)) {
+            if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+                int count = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+
+                for (int i = 0; i < count && nfds < FRONT_MAX_FDS * 2; i++) {
+                    memcpy(&fds[nfds++], CMSG_DATA(cm) + (size_t)i * sizeof(int), sizeof(int));
+                }
+            }
+        }
+        ctrunc = (mh.msg_flags & MSG_CTRUNC) != 0;
+        if (ctrunc || nfds > FRONT_MAX_FDS) {
+            for (int i = 0; i < nfds; i++) {
+                close(fds[i]);
+            }
+            nfds = 0;
+            ctrunc = 1;
+        }
+        if (n == 0) {
+            hand_over(f, 0, 0, fds, 0, 1, ctrunc, 0);
+            break;
+        }
+        pthread_mutex_lock(&f->mu);
+        fast = f->fast;
+        partial = f->partial;
+        pthread_mutex_unlock(&f->mu);
+        if (fast && !partial && nfds == 0 && !ctrunc) {
+            size_t hot;
+
+            while ((hot = hot_length(f, f->buf + off, (size_t)n - off)) > 0) {
+                int rc = answer(f, f->buf + off);
+
+                if (rc < 0) {
+                    goto failed;
+                }
+                if (rc == 0) {
+                    break;
+                }
+                off += hot;
+            }
+        }
+        if (off < (size_t)n || nfds > 0 || ctrunc) {
+            if (hand_over(f, (uint32_t)off, (uint32_t)((size_t)n - off), fds, nfds, 0, ctrunc, 0) < 0) {
+                break;
+            }
+        }
+        continue;
+failed:
+        hand_over(f, 0, 0, fds, 0, 0, 0, errno ? errno : EIO);
+        break;
+    }
+    return NULL;
+}
+
+static void front_release(vb_front *f)
+{
+    int fds[] = {f->sock, f->chunk_fd, f->writes_fd, f->stop_fd, f->resume_fd};
+
+    pthread_mutex_lock(&f->mu);
+    if (f->waiting && !f->taken) {
+        for (int i = 0; i < f->chunk.nfds; i++) {
+            close(f->chunk.fds[i]);
+        }
+        f->chunk.nfds = 0;
+    }
+    pthread_mutex_unlock(&f->mu);
+    for (size_t i = 0; i < sizeof(fds) / sizeof(fds[0]); i++) {
+        if (fds[i] >= 0) {
+            close(fds[i]);
+        }
+    }
+    pthread_mutex_destroy(&f->mu);
+    pthread_mutex_destroy(&f->cfg_mu);
+    free(f->buf);
+    free(f);
+}
+
+vb_front *vb_front_start(int sock_fd, int chunk_fd, int writes_fd, char *err, size_t errlen)
+{
+    vb_front *f = calloc(1, sizeof(*f));
+    int rc;
+
+    if (f == NULL) {
+        vb_seterr(err, errlen, "out of memory for the front-end reader");
+        return NULL;
+    }
+    pthread_mutex_init(&f->mu, NULL);
+    pthread_mutex_init(&f->cfg_mu, NULL);
+    f->sock = fcntl(sock_fd, F_DUPFD_CLOEXEC, 0);
+    f->chunk_fd = fcntl(chunk_fd, F_DUPFD_CLOEXEC, 0);
+    f->writes_fd = fcntl(writes_fd, F_DUPFD_CLOEXEC, 0);
+    f->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    f->resume_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    f->buf = malloc(FRONT_BUF);
+    if (f->sock < 0 || f->chunk_fd < 0 || f->writes_fd < 0 || f->stop_fd < 0 || f->resume_fd < 0) {
+        vb_seterr(err, errlen, "front-end reader: cannot duplicate its fds (socket %d): %s", sock_fd,
+                  strerror(errno));
+        front_release(f);
+        return NULL;
+    }
+    if (f->buf == NULL) {
+        vb_seterr(err, errlen, "out of memory for the front-end reader's buffer");
+        front_release(f);
+        return NULL;
+    }
+    rc = pthread_create(&f->thread, NULL, front_main, f);
+    if (rc != 0) {
+        vb_seterr(err, errlen, "cannot start the front-end reader thread: %s", strerror(rc));
+        front_release(f);
+        return NULL;
+    }
+    pthread_setname_np(f->thread, "vb-front");
+    f->started = 1;
+    return f;
+}
+
+int vb_front_take(vb_front *f, vb_front_chunk *out, uint8_t *data, uint32_t cap)
+{
+    int have = 0;
+
+    drain_fd(f->chunk_fd);
+    pthread_mutex_lock(&f->mu);
+    if (f->waiting && !f->taken && f->chunk.len <= cap) {
+        *out = f->chunk;
+        memcpy(data, f->buf + f->chunk_off, f->chunk.len);
+        f->chunk.nfds = 0;  /* the fds are the session's now */
+        f->taken = 1;
+        have = 1;
+    }
+    pthread_mutex_unlock(&f->mu);
+    return have;
+}
+
+void vb_front_resume(vb_front *f, int fast, int partial)
+{
+    pthread_mutex_lock(&f->mu);
+    f->fast = fast ? 1 : 0;
+    f->partial = partial ? 1 : 0;
+    f->waiting = 0;
+    pthread_mutex_unlock(&f->mu);
+    signal_fd(f->resume_fd);
+}
+
+void vb_front_set_config(vb_front *f, const uint8_t *config)
+{
+    pthread_mutex_lock(&f->cfg_mu);
+    memcpy(f->config, config, CFG_SIZE);
+    pthread_mutex_unlock(&f->cfg_mu);
+}
+
+void vb_front_set_num_pages(vb_front *f, uint32_t num_pages)
+{
+    pthread_mutex_lock(&f->cfg_mu);
+    put32(f->config, num_pages);
+    pthread_mutex_unlock(&f->cfg_mu);
+}
+
+uint32_t vb_front_take_config_writes(vb_front *f, uint32_t *actual, uint32_t *num_pages, uint32_t cap)
+{
+    uint32_t n;
+
+    drain_fd(f->writes_fd);
+    pthread_mutex_lock(&f->cfg_mu);
+    n = f->log_len < cap ? f->log_len : cap;
+    memcpy(actual, f->log_actual, n * sizeof(uint32_t));
+    memcpy(num_pages, f->log_num_pages, n * sizeof(uint32_t));
+    memmove(f->log_actual, f->log_actual + n, (f->log_len - n) * sizeof(uint32_t));
+    memmove(f->log_num_pages, f->log_num_pages + n, (f->log_len - n) * sizeof(uint32_t));
+    f->log_len -= n;
+    pthread_mutex_unlock(&f->cfg_mu);
+    return n;
+}
+
+void vb_front_get_counters(vb_front *f, vb_front_counters *out)
+{
+    out->config_reads = __atomic_load_n(&f->c.config_reads, __ATOMIC_RELAXED);
+    out->config_writes = __atomic_load_n(&f->c.config_writes, __ATOMIC_RELAXED);
+    out->handed_over = __atomic_load_n(&f->c.handed_over, __ATOMIC_RELAXED);
+    out->log_full = __atomic_load_n(&f->c.log_full, __ATOMIC_RELAXED);
+}
+
+void vb_front_free(vb_front *f)
+{
+    if (f == NULL) {
+        return;
+    }
+    if (f->started) {
+        __atomic_store_n(&f->stop, 1, __ATOMIC_RELEASE);
+        signal_fd(f->stop_fd);
+        pthread_join(f->thread, NULL);
+        f->started = 0;
+    }
+    front_release(f);
+}

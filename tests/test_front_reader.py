@@ -1,0 +1,157 @@
+"""The C reader of the front-end's socket (csrc/front.c): the guest's per-buffer
+GET_CONFIG and SET_CONFIG answered in C, everything else by the session, and
+the two indistinguishable on the wire.
+
+Real back-ends in this process, a real unix socket; one back-end answers
+config messages in C (the default), the other sends every message through
+the Python session (``BalloonService(fast_config=False)``)."""
+
+from __future__ import annotations
+
+import os
+import struct
+from functools import partial
+
+import trio
+
+from backend_support import MiB, PAGE, log_text, wait_no_session, wait_until
+from vhostballoon.server.daemon import run_backend
+from vhostballoon.server.service import BalloonService
+from vhostballoon.testing import model_guest
+from vhostballoon.testing.fds import fd_count
+from vhostballoon.testing.frontend import Frontend
+from vhostballoon.vhost_user.codec import ConfigSpace, Empty, encode
+from vhostballoon.vhost_user.constants import Request
+
+ZERO = bytes(16)
+
+
+def config(num_pages: int = 0, actual: int = 0, poison: int = 0) -> bytes:
+    return struct.pack("<IIII", num_pages, actual, 0, poison)
+
+
+def get_config(*, need_reply: bool = False, offset: int = 0, size: int = 16) -> bytes:
+    return encode(Request.GET_CONFIG, ConfigSpace(offset, size, 0, bytes(size)), need_reply=need_reply)
+
+
+def set_config(data: bytes, *, need_reply: bool = True) -> bytes:
+    return encode(Request.SET_CONFIG, ConfigSpace(0, len(data), 0, data), need_reply=need_reply)
+
+
+# Pipelined in one write: C answers the leading run of config messages, the
+# session the rest (a partial read, then GET_FEATURES).
+SCRIPT = [
+    (get_config(), 1),
+    (set_config(config(actual=5)), 1),  # NEED_REPLY: acked
+    (get_config(), 1),  # sees actual 5
+    (set_config(config(num_pages=99, actual=7), need_reply=False), 0),  # num_pages of a driver write ignored
+    (get_config(need_reply=True), 1),
+    (get_config(offset=4, size=4), 1),  # not the whole config: the session's
+    (encode(Request.GET_FEATURES, Empty()), 1),
+]
+
+
+async def start(nursery, path: str, fast: bool):
+    return await nursery.start(partial(run_backend, path, service=BalloonService(fast_config=fast)))
+
+
+async def replies_to_script(path: str) -> list[tuple]:
+    async with await Frontend.connect(path) as frontend:
+        await frontend.initialize()
+        await frontend.send_raw(b"".join(data for data, _ in SCRIPT))
+        replies = []
+        for _ in range(sum(n for _, n in SCRIPT)):
+            with trio.fail_after(5):
+                m = await frontend.recv_reply()
+            replies.append((m.request, m.flags, m.size, m.payload))
+        return replies
+
+
+async def test_config_replies_are_the_same_in_c_and_in_the_session(nursery, tmp_path, logs):
+    fast = await start(nursery, str(tmp_path / "fast.sock"), True)
+    slow = await start(nursery, str(tmp_path / "slow.sock"), False)
+    got_fast = await replies_to_script(fast.socket_path)
+    got_slow = await replies_to_script(slow.socket_path)
+    assert got_fast == got_slow
+    assert [r[0] for r in got_fast] == [
+        Request.GET_CONFIG, Request.SET_CONFIG, Request.GET_CONFIG, Request.GET_CONFIG,
+        Request.GET_CONFIG, Request.GET_FEATURES,
+    ]
+    assert got_fast[0][3].data == config()
+    assert got_fast[2][3].data == config(actual=5)
+    assert got_fast[3][3].data == config(actual=7)  # num_pages stays the device's
+    assert got_fast[4][3].data == struct.pack("<I", 7)
+
+
+async def test_c_answers_the_config_messages_and_the_session_sees_their_writes(nursery, socket_path, logs):
+    backend = await start(nursery, socket_path, True)
+    service = backend.service
+    async with await Frontend.connect(backend.socket_path) as frontend:
+        await frontend.initialize()
+        await wait_until(lambda: service.session is not None, what="the session")
+        before = service.query()
+        for actual in (3, 9, 4):
+            await frontend.set_config(config(actual=actual))
+            assert await frontend.get_config() == config(actual=actual)
+        after = service.query()  # replays what the thread took first
+        assert after["config-reads-in-c"] - before["config-reads-in-c"] == 3
+        assert after["config-writes-in-c"] - before["config-writes-in-c"] == 3
+        assert after["chunks-to-session"] == before["chunks-to-session"]
+        assert after["actual-pages"] == 4
+
+
+async def test_a_config_message_split_across_writes_goes_to_the_session_then_c_again(nursery, socket_path):
+    backend = await start(nursery, socket_path, True)
+    service = backend.service
+    async with await Frontend.connect(backend.socket_path) as frontend:
+        await frontend.initialize()
+        await wait_until(lambda: service.session is not None, what="the session")
+        q0 = service.query()
+        message = get_config()
+        await frontend.send_raw(message[:5])
+        await trio.sleep(0.05)  # two reads, not one
+        await frontend.send_raw(message[5:])
+        with trio.fail_after(5):
+            reply = await frontend.recv_reply()
+        assert reply.request == Request.GET_CONFIG and reply.payload.data == config()
+        q1 = service.query()
+        assert q1["config-reads-in-c"] == q0["config-reads-in-c"]  # the session answered it
+        assert q1["chunks-to-session"] == q0["chunks-to-session"] + 2
+        assert await frontend.get_config() == config()  # at a boundary again: C answers
+        assert service.query()["config-reads-in-c"] == q0["config-reads-in-c"] + 1
+
+
+async def test_a_config_message_with_an_fd_is_refused_by_the_session(nursery, socket_path, logs):
+    backend = await start(nursery, socket_path, True)
+    fds_before = fd_count()
+    frontend = await Frontend.connect(backend.socket_path)
+    try:
+        await frontend.initialize()
+        r, w = os.pipe()
+        try:
+            await frontend.send_raw(get_config(), fds=[r])
+        finally:
+            os.close(r)
+            os.close(w)
+        await wait_no_session(backend.service)
+    finally:
+        await frontend.aclose()
+    assert "GET_CONFIG carries 1 fd, takes none" in log_text(logs)
+    await wait_until(lambda: fd_count() == fds_before, what="every fd closed")
+
+
+async def test_a_ballooning_guest_is_served_config_in_c(nursery, socket_path):
+    backend = await start(nursery, socket_path, True)
+    service = backend.service
+    target = 64 * MiB
+    async with model_guest(backend.socket_path, ram_size=128 * MiB) as guest:
+        q0 = service.query()
+        service.set_target(target)  # num_pages reaches the thread at once
+        await guest.wait_for_target(target // PAGE)
+        q1 = service.query()
+        buffers = target // PAGE // 256
+        # The Linux driver reads num_pages before and writes actual after each buffer.
+        assert q1["config-reads-in-c"] - q0["config-reads-in-c"] >= buffers
+        assert q1["config-writes-in-c"] - q0["config-writes-in-c"] >= buffers
+        assert q1["chunks-to-session"] - q0["chunks-to-session"] <= 2
+        assert q1["actual"] == 128 * MiB - target and q1["actual-pages"] == target // PAGE
