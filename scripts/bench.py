@@ -110,20 +110,21 @@ def proc_stat_ticks(pid: int) -> tuple[int, int]:
     return int(fields[11]), int(fields[12])
 
 
-def thread_cpu_ticks(pid: int) -> dict[str, int]:
-    """utime+stime in clock ticks per thread name (the C threads are named
-    vb-front, vb-inflate, vb-deflate; the event loop is the process's own
-    name; trio's worker threads are summed under theirs)."""
+def thread_cpu_ns(pid: int) -> dict[str, int]:
+    """CPU time in ns per thread name (/proc/PID/task/TID/schedstat, whose
+    first field is the time on CPU).  The C threads are named vb-front,
+    vb-inflate, vb-deflate; the event loop has the process's own name;
+    trio's worker threads are summed under theirs."""
     out: dict[str, int] = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                text = f.read()
-        except FileNotFoundError:  # the thread ended meanwhile
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                ns = int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
             continue
-        name = text[text.index("(") + 1 : text.rindex(")")]
-        fields = text.rsplit(")", 1)[1].split()
-        out[name] = out.get(name, 0) + int(fields[11]) + int(fields[12])
+        out[name] = out.get(name, 0) + ns
     return out
 
 
@@ -478,7 +479,7 @@ async def balloon_run(sc: Scenario, size: int, run: int, workdir: str, profile_t
                     q0 = await control(backend.control_path, "query-balloon")
                     alloc0 = ram.allocated_bytes()
                     ticks0, self0 = backend.ticks(), time.process_time_ns()
-                    threads0 = thread_cpu_ticks(backend.pid)
+                    threads0 = thread_cpu_ns(backend.pid)
                     cpu0, wall0 = backend.cpu_ns(), time.perf_counter_ns()
                     if sc.probe == "flush":
                         await control(backend.control_path, "set-huge-policy", policy="auto")
@@ -489,7 +490,7 @@ async def balloon_run(sc: Scenario, size: int, run: int, workdir: str, profile_t
                     settled, q1 = await wait_host_freed(backend, ballooned * PAGE_SIZE)
                     wall1, cpu1 = time.perf_counter_ns(), backend.cpu_ns()
                     self1, ticks1 = time.process_time_ns(), backend.ticks()
-                    threads1 = thread_cpu_ticks(backend.pid)
+                    threads1 = thread_cpu_ns(backend.pid)
                     backend.stop_profile()
                     stop_prober.set()
                 after = ram.allocated_bytes()
@@ -503,7 +504,7 @@ async def balloon_run(sc: Scenario, size: int, run: int, workdir: str, profile_t
                     "backend_user_ms": (ticks1[0] - ticks0[0]) * 1000 / CLK_TCK,
                     "backend_sys_ms": (ticks1[1] - ticks0[1]) * 1000 / CLK_TCK,
                     "guest_cpu_ms": (self1 - self0) / 1e6,
-                    "backend_threads_ms": {name: (threads1[name] - threads0.get(name, 0)) * 1000 / CLK_TCK
+                    "backend_threads_ms": {name: (threads1[name] - threads0.get(name, 0)) / 1e6
                                            for name in threads1 if threads1[name] != threads0.get(name, 0)},
                     "freed_bytes": alloc0 - after,
                     "freed_total_bytes": before - after,

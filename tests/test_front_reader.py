@@ -13,8 +13,13 @@ import struct
 from functools import partial
 
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from backend_support import MiB, PAGE, log_text, wait_no_session, wait_until
+from vhostballoon.device.balloon import BalloonDevice, plain_actual_step
+from vhostballoon.device.features import DEFAULT_FEATURES
+from vhostballoon.native import GuestMemory
 from vhostballoon.server.daemon import run_backend
 from vhostballoon.server.service import BalloonService
 from vhostballoon.testing import model_guest
@@ -155,3 +160,20 @@ async def test_a_ballooning_guest_is_served_config_in_c(nursery, socket_path):
         assert q1["config-writes-in-c"] - q0["config-writes-in-c"] >= buffers
         assert q1["chunks-to-session"] - q0["chunks-to-session"] <= 2
         assert q1["actual"] == 128 * MiB - target and q1["actual-pages"] == target // PAGE
+
+
+@given(
+    old=st.integers(0, 1 << 20), new=st.integers(0, 1 << 20), num_pages=st.integers(0, 1 << 20),
+)
+def test_a_plain_step_of_actual_changes_only_actual(old, new, num_pages):
+    """What the session skips when it replays a batch of writes (all but
+    the last, at the target, or deflate-on-OOM) must be exactly a write
+    that moves actual and nothing else."""
+    device = BalloonDevice(GuestMemory(), DEFAULT_FEATURES)
+    device.config.actual, device.config.num_pages = old, num_pages
+    write = device.write_config(4, struct.pack("<I", new))
+    if plain_actual_step(old, new, num_pages):
+        assert device.counters.pages_deflated_unasked == 0
+        assert write.new_actual != num_pages and device.config.actual == new
+    else:
+        assert device.counters.pages_deflated_unasked > 0 or new == num_pages

@@ -25,6 +25,14 @@ log = structlog.get_logger("vhostballoon.device")
 LINUX_PFNS_PER_BUFFER = 256
 
 
+def plain_actual_step(old_actual: int, new_actual: int, num_pages: int) -> bool:
+    """A guest write of actual that changes nothing but actual: not at the
+    target, and not below both what the guest had and what it was asked
+    (that is a deflate on its own, deflate-on-OOM).  The session replays
+    such writes by setting actual alone."""
+    return new_actual != num_pages and new_actual >= min(old_actual, num_pages)
+
+
 class FeatureError(ValueError):
     """The driver acked features the device did not offer."""
 
