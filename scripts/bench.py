@@ -79,7 +79,6 @@ from typing import Any
 
 import trio
 
-from vhostballoon._native import ffi  # only to fill a RangeList of 262144 ranges at C speed
 from vhostballoon.device.hugepages import THP_SYSFS, pmd_size, sysfs_choice
 from vhostballoon.native import PAGE_SHIFT, PAGE_SIZE, GuestMemory, RangeList
 from vhostballoon.sizes import parse_size
@@ -320,19 +319,11 @@ def coalesce(pfns) -> list[tuple[int, int]]:
     return ranges
 
 
-def range_list(pairs: array) -> RangeList:
-    """A RangeList from array('Q') [gpa0, len0, gpa1, len1, ...] (vb_range is two u64)."""
-    out = RangeList(len(pairs) // 2)
-    ffi.memmove(out.cdata, pairs, len(pairs) * 8)
-    out.n = len(pairs) // 2
-    return out
-
-
 def per_page_ranges(pfns: array) -> RangeList:
     pairs = array("Q", bytes(16 * len(pfns)))
     pairs[0::2] = array("Q", [pfn << PAGE_SHIFT for pfn in pfns])
     pairs[1::2] = array("Q", [PAGE_SIZE]) * len(pfns)
-    return range_list(pairs)
+    return RangeList.from_pairs(pairs)
 
 
 def coalesced_ranges(pfns: array) -> RangeList:
@@ -340,7 +331,7 @@ def coalesced_ranges(pfns: array) -> RangeList:
     for gpa, length in coalesce(pfns):
         pairs.append(gpa)
         pairs.append(length)
-    return range_list(pairs)
+    return RangeList.from_pairs(pairs)
 
 
 def baseline(kind: str, pfns: array, size: int, thp: bool) -> dict:

@@ -4,6 +4,8 @@ RAM), the back-end detects it and applies the huge page policy."""
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import pytest
 import trio
 
@@ -16,26 +18,32 @@ TARGET = 128 * MiB  # so 128 MiB go into the balloon
 HUGE = 2 * MiB
 
 
-async def _thp_guest(socket_path, **kwargs):
-    return model_guest(socket_path, ram_size=GUEST, huge_pages=True, **kwargs)
-
-
 def _require_thp_backed(before_shmem_huge: int) -> None:
     gained = meminfo("ShmemHugePages") - before_shmem_huge
     if gained < GUEST // 2:
         pytest.skip(f"THP not available: touching a {GUEST >> 20} MiB madvised memfd gave only {gained >> 20} MiB of ShmemHugePages")
 
 
-async def test_linux_order_frees_whole_huge_pages_with_no_split(backend, socket_path, shmem_thp_advise):
-    service = backend.service
-    service.set_huge_policy("whole")
+@asynccontextmanager
+async def _ballooned_thp_guest(service, socket_path, order: str):
+    """A model guest on THP-backed RAM (the test is skipped where THP does
+    not back it) that has put TARGET into the balloon, under the policy the
+    service has.  Yields (guest, its allocated bytes before the balloon, the
+    thp_split_page count before the balloon)."""
     huge0 = meminfo("ShmemHugePages")
-    async with await _thp_guest(socket_path, order="linux") as guest:
+    async with model_guest(socket_path, ram_size=GUEST, huge_pages=True, order=order) as guest:
         _require_thp_backed(huge0)
         splits0 = vmstat("thp_split_page")
         before = guest.ram.allocated_bytes()
         service.set_target(GUEST - TARGET)
         await guest.wait_for_target(TARGET // PAGE, timeout=60)
+        yield guest, before, splits0
+
+
+async def test_linux_order_frees_whole_huge_pages_with_no_split(backend, socket_path, shmem_thp_advise):
+    service = backend.service
+    service.set_huge_policy("whole")
+    async with _ballooned_thp_guest(service, socket_path, "linux") as (guest, before, splits0):
         info = service.query()
         freed = before - guest.ram.allocated_bytes()
 
@@ -53,13 +61,7 @@ async def test_random_order_whole_keeps_partial_huge_pages_then_runtime_eager_fr
 ):
     service = backend.service
     service.set_huge_policy("whole")
-    huge0 = meminfo("ShmemHugePages")
-    async with await _thp_guest(socket_path, order="random") as guest:
-        _require_thp_backed(huge0)
-        splits0 = vmstat("thp_split_page")
-        before = guest.ram.allocated_bytes()
-        service.set_target(GUEST - TARGET)
-        await guest.wait_for_target(TARGET // PAGE, timeout=60)
+    async with _ballooned_thp_guest(service, socket_path, "random") as (guest, before, splits0):
         info = service.query()
         # Random pages hardly ever complete a huge page: under "whole" they wait.
         assert info["thp-splits"] == 0 and vmstat("thp_split_page") == splits0
@@ -84,12 +86,7 @@ async def test_random_order_whole_keeps_partial_huge_pages_then_runtime_eager_fr
 async def test_auto_frees_partial_huge_pages_once_the_guest_is_at_target(backend, socket_path, shmem_thp_advise):
     service = backend.service
     assert service.flush_policy.mode.value == "auto"
-    huge0 = meminfo("ShmemHugePages")
-    async with await _thp_guest(socket_path, order="random") as guest:
-        _require_thp_backed(huge0)
-        before = guest.ram.allocated_bytes()
-        service.set_target(GUEST - TARGET)
-        await guest.wait_for_target(TARGET // PAGE, timeout=60)
+    async with _ballooned_thp_guest(service, socket_path, "random") as (guest, before, _):
         # The operator's target is met in bytes of host memory, shortly after.
         await wait_until(lambda: service.query()["freed-shmem-bytes"] == TARGET, timeout=5, what="all ballooned bytes freed")
         assert before - guest.ram.allocated_bytes() == TARGET
@@ -103,11 +100,7 @@ async def test_deflated_pages_are_never_freed_by_a_later_flush(backend, socket_p
     back must stay out of any later flush."""
     service = backend.service
     service.set_huge_policy("whole")
-    huge0 = meminfo("ShmemHugePages")
-    async with await _thp_guest(socket_path, order="random") as guest:
-        _require_thp_backed(huge0)
-        service.set_target(GUEST - TARGET)
-        await guest.wait_for_target(TARGET // PAGE, timeout=60)
+    async with _ballooned_thp_guest(service, socket_path, "random") as (guest, _, _):
         pending = service.query()["pending-bytes"]
         assert pending > 0
         allocated_at_target = guest.ram.allocated_bytes()

@@ -43,6 +43,8 @@ import trio
 
 from vhostballoon.server.daemon import run_backend
 from vhostballoon.server.service import BalloonService
+from vhostballoon.testing.fds import fd_count
+from vhostballoon.testing.waiting import wait_until
 from vhostballoon.vhost_user.codec import (
     ConfigSpace,
     Empty,
@@ -84,10 +86,6 @@ _PAYLOAD_TYPES = {
     cls.__name__: cls
     for cls in (Empty, Raw, U64, VringState, VringAddr, VringFd, MemoryTable, SingleMemoryRegion, ConfigSpace)
 }
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def load_transcript(name: str) -> dict[str, Any]:
@@ -278,14 +276,6 @@ class Replay:
             assert reply.payload == recorded, f"{where}: payload {reply.payload!r}, QEMU got {recorded!r}"
 
 
-async def wait_until(predicate, what: str, timeout: float = 10.0) -> None:
-    with trio.move_on_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
-        return
-    pytest.fail(f"timed out waiting for {what}")
-
-
 @pytest.mark.parametrize("name", REQUIRED)
 async def test_replay_of_qemu_transcript(name: str) -> None:
     transcript = load_transcript(name)
@@ -331,7 +321,7 @@ async def test_replay_of_qemu_transcript(name: str) -> None:
 
             front.close()  # QEMU goes away, as at the end of the recording
             front = None
-            await wait_until(lambda: service.session is None, "the session to end")
+            await wait_until(lambda: service.session is None, what="the session to end")
             nursery.cancel_scope.cancel()
     finally:
         for peer in (front, channel):

@@ -15,6 +15,7 @@ import mmap
 import os
 import random
 import struct
+from array import array
 
 import pytest
 
@@ -24,6 +25,7 @@ from vhostballoon.native import (
     GuestMemory,
     MemoryTableError,
     PfnArray,
+    RangeList,
     RingError,
     Virtqueue,
 )
@@ -691,6 +693,19 @@ def test_pfn_array_round_trip_and_bounds():
     with pytest.raises(ValueError):
         PfnArray.from_list([1 << 32])
     assert PfnArray(10).tolist() == []
+
+
+def test_range_list_from_pairs():
+    pairs = array("Q", [0x1000, 0x2000, 1 << 40, (1 << 64) - 1])
+    ranges = RangeList.from_pairs(pairs)
+    assert ranges.tolist() == [(0x1000, 0x2000), (1 << 40, (1 << 64) - 1)] and ranges.capacity == 2
+    assert RangeList.from_pairs(array("Q")).tolist() == []
+    with pytest.raises(ValueError):
+        RangeList.from_pairs(array("Q", [0x1000]))  # a gpa without its length
+    with pytest.raises(ValueError):
+        RangeList.from_pairs(array("I", [0x1000, 0x2000]))  # not u64s
+    with pytest.raises(ValueError):
+        RangeList.from_pairs(array("d", [4096.0, 4096.0]))  # not integers
 
 
 # ---- discard -------------------------------------------------------------------

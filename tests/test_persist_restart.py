@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import pytest
 import trio
@@ -71,9 +72,49 @@ async def running_guest(socket_path: str, ram: GuestRAM, *, seed: int):
         await frontend.aclose()
 
 
-async def reconnect(frontend: Frontend, driver: BalloonDriver, nursery, socket_path: str) -> None:
-    await frontend.reconnect(socket_path, driver.ram, driver.queues)
-    nursery.start_soon(frontend.serve_backend_channel)
+@dataclass
+class Survivor:
+    """A guest that outlives its daemons (see running_guest), and what
+    starts the next daemon with the same arguments."""
+
+    sock_dir: str
+    state_dir: str
+    args: tuple[str, ...]  # every daemon's: the same state dir and policy
+    ram: GuestRAM
+    frontend: Frontend
+    driver: BalloonDriver
+    nursery: trio.Nursery
+
+    def daemon(self, log_name: str):
+        return daemon_process(self.sock_dir, *self.args, log_name=log_name)
+
+    async def reconnect(self, daemon) -> None:
+        """The front-end comes back on ``daemon`` as QEMU's reconnect does."""
+        await self.frontend.reconnect(daemon.socket_path, self.driver.ram, self.driver.queues)
+        self.nursery.start_soon(self.frontend.serve_backend_channel)
+
+
+@asynccontextmanager
+async def ballooned_on_first_daemon(sock_dir: str, ram_dir: str, *, snapshot_interval: int, ram_seed: int,
+                                    guest_seed: int):
+    """Where each restart test begins: guest RAM on the huge-page tmpfs
+    ``ram_dir``, the first daemon (state dir ``sock_dir/state``, policy
+    whole, a snapshot every ``snapshot_interval`` s) and a guest on it that
+    has put 64 MiB into the balloon, the daemon caught up.  Yields (the
+    guest, the first daemon, its query-balloon then)."""
+    state_dir = os.path.join(sock_dir, "state")
+    args = ("--state-dir", state_dir, "--huge-policy", "whole", "--snapshot-interval", str(snapshot_interval))
+    ram = GuestRAM(RAM, seed=ram_seed, directory=ram_dir)
+    try:
+        ram.touch()
+        async with daemon_process(sock_dir, *args, log_name="first.log") as first:
+            async with running_guest(first.socket_path, ram, seed=guest_seed) as (frontend, driver, nursery):
+                guest = Survivor(sock_dir, state_dir, args, ram, frontend, driver, nursery)
+                await command(first, "balloon", value=RAM - 64 * MiB)
+                await driver.wait_for_target(pages(64 * MiB))
+                yield guest, first, await wait_until_quiet(first)
+    finally:
+        ram.close()
 
 
 async def query(daemon) -> dict:
@@ -115,62 +156,53 @@ def snapshot(state_dir: str) -> dict:
 
 
 async def test_sigkill_restart_brings_back_target_and_pending_pages(sock_dir, thp_tmpfs):
-    state_dir = os.path.join(sock_dir, "state")
     # A snapshot only at session start: what follows lives in the journal alone.
-    args = ("--state-dir", state_dir, "--huge-policy", "whole", "--snapshot-interval", "3600")
-    ram = GuestRAM(RAM, seed=0xB0B, directory=thp_tmpfs)
-    try:
-        ram.touch()
-        async with daemon_process(sock_dir, *args, log_name="first.log") as first:
-            async with running_guest(first.socket_path, ram, seed=3) as (frontend, driver, nursery):
-                # -- 1: at rest, pending pages held back (policy whole), SIGKILL
-                target = RAM - 64 * MiB
-                await command(first, "balloon", value=target)
-                await driver.wait_for_target(pages(64 * MiB))
-                before = await wait_until_quiet(first)
-                assert before["pending-bytes"] > 8 * MiB, before  # random order: most huge pages partial
-                allocated = ram.allocated_bytes()
-                first.kill()
-                await first.wait()
+    async with ballooned_on_first_daemon(sock_dir, thp_tmpfs, snapshot_interval=3600, ram_seed=0xB0B,
+                                         guest_seed=3) as (guest, first, before):
+        ram, driver = guest.ram, guest.driver
+        # -- 1: at rest, pending pages held back (policy whole), SIGKILL
+        target = RAM - 64 * MiB
+        assert before["pending-bytes"] > 8 * MiB, before  # random order: most huge pages partial
+        allocated = ram.allocated_bytes()
+        first.kill()
+        await first.wait()
 
-                async with daemon_process(sock_dir, *args, log_name="second.log") as second:
-                    await reconnect(frontend, driver, nursery, second.socket_path)
-                    after = await query(second)
-                    assert after["target"] == target
-                    assert after["actual"] == target
-                    assert after["ballooned-bytes"] == before["ballooned-bytes"] == 64 * MiB
-                    assert after["pending-bytes"] == before["pending-bytes"]
-                    assert "page state restored from the state directory" in second.log()
-                    # The pending pages are really freed by the new daemon, by exactly their amount.
-                    flushed = await flush_and_wait(second)
-                    freed = allocated - ram.allocated_bytes()
-                    assert before["pending-bytes"] <= freed <= before["pending-bytes"] + HUGE_SLACK, (
-                        freed, {k: v for k, v in flushed.items() if "byte" in k or "split" in k})
-                    assert host_holes(ram) == set(driver.balloon_pfns)
-                    assert ram.check_canary(driver.guest_owned_pfns()) == []
+        async with guest.daemon("second.log") as second:
+            await guest.reconnect(second)
+            after = await query(second)
+            assert after["target"] == target
+            assert after["actual"] == target
+            assert after["ballooned-bytes"] == before["ballooned-bytes"] == 64 * MiB
+            assert after["pending-bytes"] == before["pending-bytes"]
+            assert "page state restored from the state directory" in second.log()
+            # The pending pages are really freed by the new daemon, by exactly their amount.
+            flushed = await flush_and_wait(second)
+            freed = allocated - ram.allocated_bytes()
+            assert before["pending-bytes"] <= freed <= before["pending-bytes"] + HUGE_SLACK, (
+                freed, {k: v for k, v in flushed.items() if "byte" in k or "split" in k})
+            assert host_holes(ram) == set(driver.balloon_pfns)
+            assert ram.check_canary(driver.guest_owned_pfns()) == []
 
-                    # -- 2: SIGKILL in the middle of an inflate: the balloon reaches its target
-                    await command(second, "set-huge-policy", policy="whole")
-                    target = RAM - 128 * MiB
-                    await command(second, "balloon", value=target)
-                    at = driver.inflate_buffers
-                    await wait_until(lambda: driver.inflate_buffers >= at + 40, timeout=30, what="40 inflate buffers")
-                    second.kill()
-                    await second.wait()
+            # -- 2: SIGKILL in the middle of an inflate: the balloon reaches its target
+            await command(second, "set-huge-policy", policy="whole")
+            target = RAM - 128 * MiB
+            await command(second, "balloon", value=target)
+            at = driver.inflate_buffers
+            await wait_until(lambda: driver.inflate_buffers >= at + 40, timeout=30, what="40 inflate buffers")
+            second.kill()
+            await second.wait()
 
-                async with daemon_process(sock_dir, *args, log_name="third.log") as third:
-                    await reconnect(frontend, driver, nursery, third.socket_path)
-                    assert await driver.wait_for_target(pages(128 * MiB), timeout=60) == pages(128 * MiB)
-                    await wait_until_quiet(third)
-                    info = await flush_and_wait(third)
-                    assert info["target"] == target and info["actual"] == target
-                    assert info["ballooned-bytes"] == 128 * MiB
-                    # Every page of the balloon is freed (no pending page was
-                    # forgotten) and nothing else is (no guest page lost).
-                    assert host_holes(ram) == set(driver.balloon_pfns)
-                    assert ram.check_canary(driver.guest_owned_pfns()) == []
-    finally:
-        ram.close()
+        async with guest.daemon("third.log") as third:
+            await guest.reconnect(third)
+            assert await driver.wait_for_target(pages(128 * MiB), timeout=60) == pages(128 * MiB)
+            await wait_until_quiet(third)
+            info = await flush_and_wait(third)
+            assert info["target"] == target and info["actual"] == target
+            assert info["ballooned-bytes"] == 128 * MiB
+            # Every page of the balloon is freed (no pending page was
+            # forgotten) and nothing else is (no guest page lost).
+            assert host_holes(ram) == set(driver.balloon_pfns)
+            assert ram.check_canary(driver.guest_owned_pfns()) == []
 
 
 HUGE_SLACK = 2 * MiB  # a huge page's worth: the guest's own rings and buffers move a little
@@ -190,40 +222,31 @@ async def test_page_deflated_after_the_last_snapshot_is_never_freed(sock_dir, th
     """The snapshot on disk says a page is pending; the guest takes it back
     (and writes to it); SIGKILL before the next snapshot.  The restarted
     back-end must not free that page."""
-    state_dir = os.path.join(sock_dir, "state")
-    args = ("--state-dir", state_dir, "--huge-policy", "whole", "--snapshot-interval", "2")
-    ram = GuestRAM(RAM, seed=0xCAFE, directory=thp_tmpfs)
-    try:
-        ram.touch()
-        async with daemon_process(sock_dir, *args, log_name="first.log") as first:
-            async with running_guest(first.socket_path, ram, seed=4) as (frontend, driver, nursery):
-                await command(first, "balloon", value=RAM - 64 * MiB)
-                await driver.wait_for_target(pages(64 * MiB))
-                await wait_until_quiet(first)
-                # Wait for the periodic snapshot that has the whole balloon.
-                reached = time.time()
-                await wait_until(lambda: snapshot(state_dir)["written_at"] > reached, timeout=10,
-                                 what="a periodic snapshot")
-                saved = snapshot(state_dir)
-                # Now the guest takes back its newest 2 MiB (Linux: LIFO) and uses it.
-                taken_back = list(driver.balloon_pfns[-pages(2 * MiB):])
-                await command(first, "balloon", value=RAM - 62 * MiB)
-                await driver.wait_for_target(pages(62 * MiB))
-                first.kill()
-                await first.wait()
-                assert snapshot(state_dir)["epoch"] == saved["epoch"], "a snapshot came in between: retry"
-                assert pending_in(saved, taken_back), "the stale snapshot must hold some of those pages as pending"
-                assert ram.check_canary(taken_back) == []
+    async with ballooned_on_first_daemon(sock_dir, thp_tmpfs, snapshot_interval=2, ram_seed=0xCAFE,
+                                         guest_seed=4) as (guest, first, _):
+        ram, driver, state_dir = guest.ram, guest.driver, guest.state_dir
+        # Wait for the periodic snapshot that has the whole balloon.
+        reached = time.time()
+        await wait_until(lambda: snapshot(state_dir)["written_at"] > reached, timeout=10,
+                         what="a periodic snapshot")
+        saved = snapshot(state_dir)
+        # Now the guest takes back its newest 2 MiB (Linux: LIFO) and uses it.
+        taken_back = list(driver.balloon_pfns[-pages(2 * MiB):])
+        await command(first, "balloon", value=RAM - 62 * MiB)
+        await driver.wait_for_target(pages(62 * MiB))
+        first.kill()
+        await first.wait()
+        assert snapshot(state_dir)["epoch"] == saved["epoch"], "a snapshot came in between: retry"
+        assert pending_in(saved, taken_back), "the stale snapshot must hold some of those pages as pending"
+        assert ram.check_canary(taken_back) == []
 
-                async with daemon_process(sock_dir, *args, log_name="second.log") as second:
-                    await reconnect(frontend, driver, nursery, second.socket_path)
-                    info = await flush_and_wait(second)  # every pending page is freed now
-                    assert ram.check_canary(taken_back) == []  # the guest's data is intact
-                    assert info["ballooned-bytes"] == 62 * MiB
-                    assert ram.check_canary(driver.guest_owned_pfns()) == []
-                    assert host_holes(ram) == set(driver.balloon_pfns)
-    finally:
-        ram.close()
+        async with guest.daemon("second.log") as second:
+            await guest.reconnect(second)
+            info = await flush_and_wait(second)  # every pending page is freed now
+            assert ram.check_canary(taken_back) == []  # the guest's data is intact
+            assert info["ballooned-bytes"] == 62 * MiB
+            assert ram.check_canary(driver.guest_owned_pfns()) == []
+            assert host_holes(ram) == set(driver.balloon_pfns)
 
 
 def pending_in(doc: dict, pfns: list[int]) -> list[int]:

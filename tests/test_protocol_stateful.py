@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, event as hypothesis_event, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from vhostballoon.device.features import DEFAULT_FEATURES
+from vhostballoon.testing.fds import fd_count
 from vhostballoon.vhost_user import connection as vu
 from vhostballoon.vhost_user.codec import (
     REQUEST_SPECS,
@@ -54,10 +55,6 @@ CONFIG_SIZE = 16
 U64_MAX = (1 << 64) - 1
 _ids = itertools.count(1)
 SERVED = [r for r in Request if vu.RULES[r].handling is not vu.Handling.UNSUPPORTED]
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def identity(fd: int) -> str | None:

@@ -14,6 +14,7 @@ import os
 import socket
 import struct
 from array import array
+from functools import partial
 
 import pytest
 import trio
@@ -659,6 +660,24 @@ def _pair():
     return trio.socket.from_stdlib_socket(a), trio.socket.from_stdlib_socket(b)
 
 
+async def _listen(tmp_path) -> tuple[str, trio.socket.SocketType]:
+    """A unix socket listening at tmp_path/vb.sock: (its path, the socket)."""
+    path = str(tmp_path / "vb.sock")
+    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await listener.bind(path)
+    listener.listen(1)
+    return path, listener
+
+
+async def _serve_one(listener, backends: list, *, task_status=trio.TASK_STATUS_IGNORED, **options) -> None:
+    """Accepts one front-end on ``listener`` and serves it with a
+    FakeBackend(**options), which goes into ``backends``."""
+    task_status.started()
+    conn, _ = await listener.accept()
+    backends.append(FakeBackend(conn, **options))
+    await backends[0].serve()
+
+
 QEMU_START = ["GET_FEATURES", "GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES", "GET_QUEUE_NUM",
               "SET_BACKEND_REQ_FD", "SET_OWNER", "GET_FEATURES"] + ["SET_VRING_CALL", "SET_VRING_ERR"] * 5
 QEMU_PROBE = (["SET_FEATURES", "GET_STATUS", "SET_STATUS", "SET_MEM_TABLE"]
@@ -823,21 +842,11 @@ async def test_raw_hooks_and_transcript():
 
 
 async def test_model_guest_over_a_unix_socket(tmp_path):
-    path = str(tmp_path / "vb.sock")
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await listener.bind(path)
-    listener.listen(1)
+    path, listener = await _listen(tmp_path)
     baseline = open_fd_count()
     backends = []
-
-    async def accept_one(task_status=trio.TASK_STATUS_IGNORED):
-        task_status.started()
-        conn, _ = await listener.accept()
-        backends.append(FakeBackend(conn, features=BACKEND_FEATURES | F_STATS_VQ))
-        await backends[0].serve()
-
     async with trio.open_nursery() as nursery:
-        await nursery.start(accept_one)
+        await nursery.start(partial(_serve_one, listener, backends, features=BACKEND_FEATURES | F_STATS_VQ))
         async with model_guest(path, ram_size=32 << 20, reserved=1 << 20, order="sequential") as guest:
             held = guest.ram.allocated_bytes()
             assert held >= guest.ram.size - guest.ram.reserved_bytes  # model_guest touched every guest page
@@ -891,21 +900,11 @@ async def test_a_device_that_keeps_the_buffer_times_out(ram):
 
 
 async def test_model_guest_lets_the_body_error_through_and_closes_everything(tmp_path):
-    path = str(tmp_path / "vb.sock")
-    listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await listener.bind(path)
-    listener.listen(1)
+    path, listener = await _listen(tmp_path)
     baseline = open_fd_count()
     backends = []
-
-    async def accept_one(task_status=trio.TASK_STATUS_IGNORED):
-        task_status.started()
-        conn, _ = await listener.accept()
-        backends.append(FakeBackend(conn))
-        await backends[0].serve()
-
     async with trio.open_nursery() as nursery:
-        await nursery.start(accept_one)
+        await nursery.start(_serve_one, listener, backends)
         with pytest.raises(KeyError, match="from the body"):
             async with model_guest(path, ram_size=16 << 20, reserved=1 << 20, touch=False):
                 raise KeyError("from the body")

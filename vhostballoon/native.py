@@ -190,6 +190,20 @@ class RangeList:
         out.n = len(ranges)
         return out
 
+    @classmethod
+    def from_pairs(cls, pairs) -> RangeList:
+        """A list from native u64s laid out gpa0, len0, gpa1, len1, ... (an
+        ``array('Q')``: a vb_range is two u64), copied at C speed: for lists
+        of hundreds of thousands of ranges, where ``from_list`` is slow."""
+        with memoryview(pairs) as view:
+            if view.format not in ("Q", "L") or view.itemsize != 8 or len(view) % 2:
+                raise ValueError(f"RangeList.from_pairs takes an even number of u64s, not {len(view)} "
+                                 f"items of format {view.format!r}")
+            out = cls(len(view) // 2)
+            ffi.memmove(out.cdata, view, view.nbytes)
+        out.n = out.capacity
+        return out
+
     def __add__(self, other: RangeList) -> RangeList:
         """Both lists' ranges, self's first (a new list)."""
         out = RangeList(self.n + other.n)

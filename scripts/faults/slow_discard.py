@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,6 +127,20 @@ class Probes:
             self.query.append((t0, time.monotonic()))
             await trio.sleep(QUERY_EVERY)
 
+    @asynccontextmanager
+    async def running(self, frontend, control_path: str):
+        """Both loops (query-balloon on a control connection of its own)
+        while the block runs; stopped when it ends."""
+        control = await ControlClient.connect(control_path)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.run_config, frontend)
+                nursery.start_soon(self.run_query, control)
+                yield
+                self.stop()
+        finally:
+            await control.aclose()
+
 
 def overlapping(samples, intervals, slow: float) -> list[float]:
     """Latencies of the samples that were in flight while a slow discard ran."""
@@ -152,95 +166,85 @@ def judge(phase: str, checks: Checks, probes: Probes, intervals, slow: float, bo
                      f"max {ms(max(during))}")
 
 
-async def real_phase(args, checks: Checks) -> None:
-    per_buffer, nbuffers = args.buffer_pfns, args.buffers
-    slow = (args.slow_ms if args.slow_ms is not None else 20.0) / 1000
-    with scratch_dir() as sock_dir, captured_logs() as logs, timed_discards() as intervals:
+@asynccontextmanager
+async def phase(name: str, args, checks: Checks, ram_size: int, *, slow: float, delay: float = 0.0,
+                huge_policy: str | None = None, **ram_options):
+    """What both phases share: a back-end in this process whose discards are
+    timed (each made ``delay`` s slower), under ``huge_policy`` if given; a
+    guest on touched GuestRAM(ram_size, **ram_options); Probes for the block
+    to run with ``probes.running()``.  Yields (backend, guest, probes).
+    Afterwards the probes are judged against the discards that ran (a
+    discard of at least ``slow`` s counts as slow), and no session may have
+    crashed."""
+    probes = Probes()
+    with scratch_dir() as sock_dir, captured_logs() as logs, timed_discards(delay) as intervals:
         async with backend_in_process(sock_dir) as backend:
-            service = backend.service
-            reserved = max(2 * MiB, -(-(4 * per_buffer * nbuffers + MiB) // MiB) * MiB)
-            ram = GuestRAM(args.ram, reserved=reserved)
+            if huge_policy is not None:
+                backend.service.set_huge_policy(huge_policy)
+            ram = GuestRAM(ram_size, **ram_options)
             try:
                 ram.touch()
                 async with guest_on(backend.socket_path, ram) as guest:
-                    driver = guest.driver
-                    owned = driver.guest_owned_pfns()
-                    if per_buffer * nbuffers > len(owned):
-                        raise ValueError(f"{nbuffers} buffers of {per_buffer} PFNs need more than the "
-                                         f"{len(owned)} pages a {args.ram // MiB} MiB guest can give")
-                    handed_over = owned[: per_buffer * nbuffers]
-                    pfn_gpa = ram.alloc_reserved(4 * len(handed_over), align=PAGE)
-                    ram.write(pfn_gpa, handed_over.tobytes())
-                    vq = driver.queue("inflate")
-                    used_before = vq.used_idx()
-                    probes = Probes()
-                    control = await ControlClient.connect(backend.control_path)
-                    try:
-                        async with trio.open_nursery() as nursery:
-                            nursery.start_soon(probes.run_config, guest.frontend)
-                            nursery.start_soon(probes.run_query, control)
-                            await trio.sleep(0.02)  # a few idle samples first
-                            for n in range(nbuffers):
-                                vq.add_buffer([(pfn_gpa + 4 * per_buffer * n, 4 * per_buffer)])
-                            driver.kick("inflate")
-                            checks.did(f"real: {nbuffers} buffers of {per_buffer} random PFNs "
-                                       f"({nbuffers * per_buffer * PAGE // MiB} MiB) handed over at once")
-                            await wait_until(lambda: (vq.used_idx() - used_before) & 0xFFFF == nbuffers,
-                                             timeout=60, what="the buffers to come back")
-                            await trio.sleep(0.05)
-                            probes.stop()
-                    finally:
-                        await control.aclose()
-                    vq.get_used()
-                    info = service.query()
-                    checks.check("real: every page handed over is in the balloon",
-                                 info["ballooned-bytes"] == len(handed_over) * PAGE,
-                                 f"ballooned-bytes {info['ballooned-bytes']}")
-                    kept = sorted(set(driver.guest_owned_pfns()) - set(handed_over))
-                    damaged = ram.check_canary(kept)
-                    checks.check("real: every kept page intact", damaged == [], f"{len(damaged)} damaged")
+                    yield backend, guest, probes
                     await guest.frontend.stop()
             finally:
                 ram.close()
-        judge("real", checks, probes, intervals.update(), slow, args.bound_ms / 1000)
-        checks.check("real: no session crashed", "session failed" not in log_text(logs))
+        judge(name, checks, probes, intervals.update(), slow, args.bound_ms / 1000)
+        checks.check(f"{name}: no session crashed", "session failed" not in log_text(logs))
+
+
+async def real_phase(args, checks: Checks) -> None:
+    per_buffer, nbuffers = args.buffer_pfns, args.buffers
+    slow = (args.slow_ms if args.slow_ms is not None else 20.0) / 1000
+    reserved = max(2 * MiB, -(-(4 * per_buffer * nbuffers + MiB) // MiB) * MiB)
+    async with phase("real", args, checks, args.ram, slow=slow, reserved=reserved) as (backend, guest, probes):
+        ram, driver = guest.ram, guest.driver
+        owned = driver.guest_owned_pfns()
+        if per_buffer * nbuffers > len(owned):
+            raise ValueError(f"{nbuffers} buffers of {per_buffer} PFNs need more than the "
+                             f"{len(owned)} pages a {args.ram // MiB} MiB guest can give")
+        handed_over = owned[: per_buffer * nbuffers]
+        pfn_gpa = ram.alloc_reserved(4 * len(handed_over), align=PAGE)
+        ram.write(pfn_gpa, handed_over.tobytes())
+        vq = driver.queue("inflate")
+        used_before = vq.used_idx()
+        async with probes.running(guest.frontend, backend.control_path):
+            await trio.sleep(0.02)  # a few idle samples first
+            for n in range(nbuffers):
+                vq.add_buffer([(pfn_gpa + 4 * per_buffer * n, 4 * per_buffer)])
+            driver.kick("inflate")
+            checks.did(f"real: {nbuffers} buffers of {per_buffer} random PFNs "
+                       f"({nbuffers * per_buffer * PAGE // MiB} MiB) handed over at once")
+            await wait_until(lambda: (vq.used_idx() - used_before) & 0xFFFF == nbuffers,
+                             timeout=60, what="the buffers to come back")
+            await trio.sleep(0.05)
+        vq.get_used()
+        info = backend.service.query()
+        checks.check("real: every page handed over is in the balloon",
+                     info["ballooned-bytes"] == len(handed_over) * PAGE,
+                     f"ballooned-bytes {info['ballooned-bytes']}")
+        kept = sorted(set(driver.guest_owned_pfns()) - set(handed_over))
+        damaged = ram.check_canary(kept)
+        checks.check("real: every kept page intact", damaged == [], f"{len(damaged)} damaged")
 
 
 async def injected_phase(args, checks: Checks) -> None:
     delay = args.inject_ms / 1000
     slow = (args.slow_ms / 1000) if args.slow_ms is not None else delay / 2
     ram_size = max(args.inject_balloon * 2, 32 * MiB)
-    with scratch_dir() as sock_dir, captured_logs() as logs, timed_discards(delay) as intervals:
-        async with backend_in_process(sock_dir) as backend:
-            service = backend.service
-            service.set_huge_policy("eager")  # every buffer is discarded at once: one slow discard each
-            ram = GuestRAM(ram_size)
-            try:
-                ram.touch()
-                async with guest_on(backend.socket_path, ram) as guest:
-                    probes = Probes()
-                    control = await ControlClient.connect(backend.control_path)
-                    try:
-                        async with trio.open_nursery() as nursery:
-                            nursery.start_soon(probes.run_config, guest.frontend)
-                            nursery.start_soon(probes.run_query, control)
-                            started = time.monotonic()
-                            service.set_target(ram_size - args.inject_balloon)
-                            reached = await guest.driver.wait_for_target(pages(args.inject_balloon), timeout=120)
-                            took = time.monotonic() - started
-                            probes.stop()
-                    finally:
-                        await control.aclose()
-                    checks.did(f"injected: every discard {ms(delay)} slower; the guest ballooned "
-                               f"{args.inject_balloon // MiB} MiB in {took:.2f} s")
-                    checks.check("injected: the guest reached its target", reached == pages(args.inject_balloon))
-                    damaged = guest.guest_owned_intact()
-                    checks.check("injected: every guest-owned page intact", damaged == [], f"{len(damaged)} damaged")
-                    await guest.frontend.stop()
-            finally:
-                ram.close()
-        judge("injected", checks, probes, intervals.update(), slow, args.bound_ms / 1000)
-        checks.check("injected: no session crashed", "session failed" not in log_text(logs))
+    # Policy eager: every buffer is discarded at once, one slow discard each.
+    async with phase("injected", args, checks, ram_size, slow=slow, delay=delay,
+                     huge_policy="eager") as (backend, guest, probes):
+        async with probes.running(guest.frontend, backend.control_path):
+            started = time.monotonic()
+            backend.service.set_target(ram_size - args.inject_balloon)
+            reached = await guest.driver.wait_for_target(pages(args.inject_balloon), timeout=120)
+            took = time.monotonic() - started
+        checks.did(f"injected: every discard {ms(delay)} slower; the guest ballooned "
+                   f"{args.inject_balloon // MiB} MiB in {took:.2f} s")
+        checks.check("injected: the guest reached its target", reached == pages(args.inject_balloon))
+        damaged = guest.guest_owned_intact()
+        checks.check("injected: every guest-owned page intact", damaged == [], f"{len(damaged)} damaged")
 
 
 async def scenario(args, checks: Checks) -> None:

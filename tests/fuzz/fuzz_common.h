@@ -285,6 +285,34 @@ static void fz_setup_queue(fz_guest *g, fz_in *in)
     FZ_CHECK(g->vq_ok == (g->vq.ready != 0), "ready %d after setup returned %d", g->vq.ready, g->vq_ok);
 }
 
+/* ---- operations both harnesses have ---------------------------------------------- */
+
+/* F_SEAL_FUTURE_WRITE on the memfd when the input says so: later discards
+ * fail.  Reads no byte once sealed. */
+static void fz_seal(fz_guest *g, fz_in *in, int *sealed)
+{
+    if (!*sealed && fz_u8(in) == 0x5e) {
+        *sealed = fcntl(g->memfd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE_) == 0;
+    }
+}
+
+/* vb_mem_remove of the region the input picks, if it is there (the queue
+ * must be set up again). */
+static void fz_remove_region(fz_guest *g, fz_in *in)
+{
+    char err[256];
+    fz_region *fr = &g->reg[fz_u8(in) % FZ_MAX_REGIONS];
+
+    if (!fr->used) {
+        return;
+    }
+    fz_give_back_heap(g, fr);
+    FZ_CHECK(vb_mem_remove(g->mem, fr->gpa, fr->size, err, sizeof err) == 0, "remove: %s", err);
+    FZ_TRACE("remove region 0x%" PRIx64, fr->gpa);
+    fr->used = 0;
+    g->vq_ok = 0;   /* its pointers may be into the region that went (native.py refuses them too) */
+}
+
 /* ---- the ballooned bitmap, seen from outside ------------------------------------- */
 
 /* Applies what vb_balloon_update should do to the shadow and checks that it
@@ -332,6 +360,18 @@ static void fz_check_balloon_update(fz_guest *g, const uint32_t *pfns, uint32_t 
         FZ_CHECK(r->ballooned_pages == count, "ballooned_pages %" PRIu64 ", bitmap has %" PRIu64,
                  r->ballooned_pages, count);
     }
+}
+
+/* vb_balloon_update of n PFNs, checked as above; returns how many changed
+ * (in changed[], which has room for n). */
+static uint32_t fz_balloon_update(fz_guest *g, const uint32_t *pfns, uint32_t n, int inflate, uint32_t *changed)
+{
+    uint32_t n_invalid, first_invalid, n_unchanged;
+    uint32_t nchanged = vb_balloon_update(g->mem, pfns, n, inflate, changed, &n_invalid, &first_invalid,
+                                          &n_unchanged);
+
+    fz_check_balloon_update(g, pfns, n, inflate, changed, nchanged, n_invalid, n_unchanged);
+    return nchanged;
 }
 
 /* After the tracker has seen an update (vb_track_inflate / vb_track_deflate):

@@ -114,7 +114,7 @@ static void op_pop(fz_guest *g, fz_in *in, int sealed)
 static void op_pfns(fz_guest *g, fz_in *in)
 {
     static uint32_t pfns[64], changed[64];
-    uint32_t n = fz_u8(in) % 64, n_invalid, first_invalid, n_unchanged, nchanged;
+    uint32_t n = fz_u8(in) % 64;
     int inflate = fz_u8(in) & 1;
 
     for (uint32_t k = 0; k < n; k++) {
@@ -123,8 +123,7 @@ static void op_pfns(fz_guest *g, fz_in *in)
 
         pfns[k] = fr->used ? (uint32_t)(fr->gpa / FZ_PAGE + page % (fr->size / FZ_PAGE + 1)) : fz_u32(in);
     }
-    nchanged = vb_balloon_update(g->mem, pfns, n, inflate, changed, &n_invalid, &first_invalid, &n_unchanged);
-    fz_check_balloon_update(g, pfns, n, inflate, changed, nchanged, n_invalid, n_unchanged);
+    fz_balloon_update(g, pfns, n, inflate, changed);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -153,22 +152,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             fz_setup_queue(&g, &in);
             break;
         case 6:
-            if (!sealed && fz_u8(&in) == 0x5e) {
-                sealed = fcntl(g.memfd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE_) == 0;
-            }
+            fz_seal(&g, &in, &sealed);
             break;
-        default: {
-            fz_region *fr = &g.reg[fz_u8(&in) % FZ_MAX_REGIONS];
-            char err[256];
-
-            if (fr->used) {
-                fz_give_back_heap(&g, fr);
-                FZ_CHECK(vb_mem_remove(g.mem, fr->gpa, fr->size, err, sizeof err) == 0, "remove: %s", err);
-                fr->used = 0;
-                g.vq_ok = 0;
-            }
+        default:
+            fz_remove_region(&g, &in);
             break;
-        }
         }
     }
     fz_free_memory(&g);

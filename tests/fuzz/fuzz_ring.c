@@ -29,6 +29,30 @@
 #define MAX_PFNS 1024
 #define MAX_HEADS 64
 
+/* What the session does with a batch of PFNs: vb_balloon_update, then
+ * vb_track_inflate (+ discard) on an inflate, or vb_track_deflate on a
+ * deflate unless track_deflate is 0; each step checked.  changed[] and
+ * ranges[] have room for n. */
+static void balloon_and_track(fz_guest *g, const uint32_t *pfns, uint32_t n, int inflate, int track_deflate,
+                              int sealed, uint32_t *changed, vb_range *ranges)
+{
+    uint32_t nchanged = fz_balloon_update(g, pfns, n, inflate, changed);
+
+    if (inflate) {
+        int nr = vb_track_inflate(g->mem, changed, nchanged, ranges, nchanged);
+
+        FZ_CHECK(nr >= 0 && (uint32_t)nr <= nchanged, "vb_track_inflate returned %d for %u PFNs", nr, nchanged);
+        for (int k = 0; k < nr; k++) {
+            fz_check_range_is_ballooned(g, &ranges[k], "vb_track_inflate");
+        }
+        fz_discard(g, ranges, (uint32_t)nr, sealed);
+        fz_check_pending(g);
+    } else if (track_deflate) {
+        vb_track_deflate(g->mem, changed, nchanged);
+        fz_check_pending(g);
+    }
+}
+
 static void op_pop(fz_guest *g, fz_in *in, int sealed)
 {
     static uint32_t pfns[MAX_PFNS], changed[MAX_PFNS];
@@ -39,7 +63,7 @@ static void op_pop(fz_guest *g, fz_in *in, int sealed)
     uint8_t how = fz_u8(in);
     int inflate = how & 1;
     uint16_t last_before = g->vq.last_avail_idx;
-    uint32_t n = 0xdeadbeef, n_invalid, first_invalid, n_unchanged, nchanged;
+    uint32_t n = 0xdeadbeef;
     int popped;
 
     if (!g->vq_ok) {
@@ -66,21 +90,7 @@ static void op_pop(fz_guest *g, fz_in *in, int sealed)
         FZ_CHECK(heads[k] < g->vq.num, "head %u out of range (ring %u)", heads[k], g->vq.num);
     }
 
-    nchanged = vb_balloon_update(g->mem, pfns, n, inflate, changed, &n_invalid, &first_invalid, &n_unchanged);
-    fz_check_balloon_update(g, pfns, n, inflate, changed, nchanged, n_invalid, n_unchanged);
-    if (inflate) {
-        int nr = vb_track_inflate(g->mem, changed, nchanged, ranges, nchanged);
-
-        FZ_CHECK(nr >= 0 && (uint32_t)nr <= nchanged, "vb_track_inflate returned %d for %u PFNs", nr, nchanged);
-        for (int k = 0; k < nr; k++) {
-            fz_check_range_is_ballooned(g, &ranges[k], "vb_track_inflate");
-        }
-        fz_discard(g, ranges, (uint32_t)nr, sealed);
-        fz_check_pending(g);
-    } else {
-        vb_track_deflate(g->mem, changed, nchanged);
-        fz_check_pending(g);
-    }
+    balloon_and_track(g, pfns, n, inflate, 1, sealed, changed, ranges);
     if (popped > 0) {
         uint32_t lens[MAX_HEADS];
 
@@ -141,7 +151,7 @@ static void op_pfns(fz_guest *g, fz_in *in, int sealed)
 {
     static uint32_t pfns[64], changed[64];
     static vb_range ranges[64];
-    uint32_t n = fz_u8(in) % 64, n_invalid, first_invalid, n_unchanged, nchanged;
+    uint32_t n = fz_u8(in) % 64;
     uint8_t how = fz_u8(in);
     int inflate = how & 1;
 
@@ -163,39 +173,10 @@ static void op_pfns(fz_guest *g, fz_in *in, int sealed)
         FZ_TRACE("  pfn 0x%x", pfns[k]);
     }
     FZ_TRACE("pfns %u %s%s", n, inflate ? "inflate" : "deflate", !inflate && (how & 2) ? " (no vb_track_deflate)" : "");
-    nchanged = vb_balloon_update(g->mem, pfns, n, inflate, changed, &n_invalid, &first_invalid, &n_unchanged);
-    fz_check_balloon_update(g, pfns, n, inflate, changed, nchanged, n_invalid, n_unchanged);
-    if (inflate) {
-        int nr = vb_track_inflate(g->mem, changed, nchanged, ranges, nchanged);
-
-        FZ_CHECK(nr >= 0 && (uint32_t)nr <= nchanged, "vb_track_inflate returned %d for %u PFNs", nr, nchanged);
-        for (int k = 0; k < nr; k++) {
-            fz_check_range_is_ballooned(g, &ranges[k], "vb_track_inflate");
-        }
-        fz_discard(g, ranges, (uint32_t)nr, sealed);
-        fz_check_pending(g);
-    } else if (!(how & 2)) {
-        vb_track_deflate(g->mem, changed, nchanged);
-        fz_check_pending(g);
-    }
+    balloon_and_track(g, pfns, n, inflate, !(how & 2), sealed, changed, ranges);
     /* how & 2 on a deflate: the caller "forgot" vb_track_deflate.  The
      * tracker must still never hand out those pages (checked on the next
      * inflate or collect against the shadow). */
-}
-
-static void op_remove(fz_guest *g, fz_in *in)
-{
-    char err[256];
-    fz_region *fr = &g->reg[fz_u8(in) % FZ_MAX_REGIONS];
-
-    if (!fr->used) {
-        return;
-    }
-    fz_give_back_heap(g, fr);
-    FZ_CHECK(vb_mem_remove(g->mem, fr->gpa, fr->size, err, sizeof err) == 0, "remove: %s", err);
-    FZ_TRACE("remove region 0x%" PRIx64, fr->gpa);
-    fr->used = 0;
-    g->vq_ok = 0;   /* its pointers may be into the region that went (native.py refuses them too) */
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -240,12 +221,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             fz_setup_queue(&g, &in);
             break;
         case 6:
-            if (!sealed && fz_u8(&in) == 0x5e) {
-                sealed = fcntl(g.memfd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE_) == 0;
-            }
+            fz_seal(&g, &in, &sealed);
             break;
         default:
-            op_remove(&g, &in);
+            fz_remove_region(&g, &in);
             break;
         }
     }
