@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import mmap
 import os
 import platform
 import re
@@ -86,10 +87,13 @@ from vhostballoon.testing import GuestRAM, model_guest
 from vhostballoon.testing.guest_ram import DEFAULT_UADDR
 
 MiB = 1 << 20
+GiB = 1 << 30
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 GETCONFIG_INTERVAL = 0.002  # seconds between the prober's GET_CONFIGs
 SETTLE_POLL = 0.01  # seconds between query-balloon polls while waiting for the host to be freed
 SETTLE_TIMEOUT = 30.0
+# Also time the baselines with the file mapped by another process (the back-end's situation).
+FOREIGN_BASELINES = True
 BACKEND_START_TIMEOUT = 15.0
 
 
@@ -334,9 +338,29 @@ def coalesced_ranges(pfns: array) -> RangeList:
     return RangeList.from_pairs(pairs)
 
 
-def baseline(kind: str, pfns: array, size: int, thp: bool) -> dict:
+# Maps the memfd passed as fd argv[2] and writes one byte of every page (as
+# the guest model writes its canary), so that its page tables map the whole
+# file, dirty, then waits for its stdin to close.
+_MAPPER = """
+import mmap, os, sys
+size = int(sys.argv[1])
+m = mmap.mmap(int(sys.argv[2]), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+for off in range(0, size, 4096):
+    m[off] = 0x5a
+sys.stdout.write("mapped\\n")
+sys.stdout.flush()
+sys.stdin.read()
+"""
+
+
+def baseline(kind: str, pfns: array, size: int, thp: bool, *, foreign: bool = False) -> dict:
     """Free the same PFNs on a fresh touched memfd of the same size and THP
-    state, per page or coalesced, in this thread; its CPU and wall time."""
+    state, per page or coalesced, in this thread; its CPU and wall time.
+
+    foreign: as the back-end frees them, the file mapped (page tables
+    filled) by another process and not by this one, so each call also zaps
+    that process's page tables and flushes its TLB, as freeing a guest's
+    memory does.  Otherwise the file is mapped and touched here only."""
     name = "vb-bench-baseline"
     with ShmemThp(thp):
         ram = GuestRAM(size, name=name, huge_pages=thp)
@@ -345,6 +369,13 @@ def baseline(kind: str, pfns: array, size: int, thp: bool) -> dict:
         except BaseException:
             ram.close()
             raise
+    mapper = None
+    if foreign:
+        mapper = subprocess.Popen([sys.executable, "-c", _MAPPER, str(size), str(ram.fd)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, pass_fds=(ram.fd,))
+        if mapper.stdout.readline() != b"mapped\n":
+            raise RuntimeError("foreign baseline: the mapping process failed")
+        ram.mem.madvise(mmap.MADV_DONTNEED)  # our own page tables go; the pages stay (shared)
     try:
         huge_backed = pmd_mapped_bytes(name)
         ranges = per_page_ranges(pfns) if kind == "per-page" else coalesced_ranges(pfns)
@@ -362,6 +393,9 @@ def baseline(kind: str, pfns: array, size: int, thp: bool) -> dict:
             mem.close()
     finally:
         ram.close()
+        if mapper is not None:
+            mapper.stdin.close()
+            mapper.wait()
     if stats.bytes_failed or stats.pages_outside:
         raise RuntimeError(f"{kind} baseline: {stats.bytes_failed} bytes failed (errno {stats.last_errno}), "
                            f"{stats.pages_outside} pages outside")
@@ -532,8 +566,14 @@ async def balloon_run(sc: Scenario, size: int, run: int, workdir: str, profile_t
         for kind in ("per-page", "whole"):
             base = baseline(kind, pfns, size, sc.thp)
             result.update({f"{kind.replace('-', '')}_{k}": v for k, v in base.items()})
+            if FOREIGN_BASELINES:
+                base = baseline(kind, pfns, size, sc.thp, foreign=True)
+                result.update({f"{kind.replace('-', '')}_foreign_{k}": v for k, v in base.items()})
         result["perpage_over_backend"] = result["perpage_cpu_ms"] / result["backend_cpu_ms"]
         result["backend_over_whole"] = result["backend_cpu_ms"] / result["whole_cpu_ms"]
+        if FOREIGN_BASELINES:
+            result["perpage_foreign_over_backend"] = result["perpage_foreign_cpu_ms"] / result["backend_cpu_ms"]
+            result["backend_over_whole_foreign"] = result["backend_cpu_ms"] / result["whole_foreign_cpu_ms"]
     return result
 
 
@@ -558,6 +598,10 @@ COLUMNS = [
     ("(calls)", "whole_syscalls", "{:.0f}"),
     ("perpage/BE", "perpage_over_backend", "{:.2f}"),
     ("BE/whole", "backend_over_whole", "{:.2f}"),
+    ("2nd-mm perpage", "perpage_foreign_cpu_ms", "{:.0f}"),
+    ("2nd-mm whole", "whole_foreign_cpu_ms", "{:.1f}"),
+    ("perpage/BE", "perpage_foreign_over_backend", "{:.2f}"),
+    ("BE/whole", "backend_over_whole_foreign", "{:.2f}"),
     ("guest cpu ms", "guest_cpu_ms", "{:.0f}"),
 ]
 
@@ -735,6 +779,34 @@ def summarize_profile(path: str, top: int = 12) -> dict:
 # ---- main ----------------------------------------------------------------------------------------
 
 
+def transport_floor(buffers: int = 4096, runs: int = 5) -> dict:
+    """scripts/transport_floor.c, built here: the least CPU a back-end spends
+    per guest buffer on this machine (GET_CONFIG, one kick, SET_CONFIG; no
+    ring, no discard), and what that makes per GiB ballooned in 256-PFN
+    buffers.  Both of its threads run on one CPU, which hands over from one
+    to the other without ever going idle: the cheapest case, so a lower
+    bound (across two CPUs each event also wakes an idle CPU, and on this
+    kind of VM that costs several times more).  {"error": ...} when it
+    cannot be built or run."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transport_floor.c")
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        return {"error": "no C compiler (cc/gcc) on PATH"}
+    with tempfile.TemporaryDirectory(prefix="vb-floor-") as tmp:
+        exe = os.path.join(tmp, "transport_floor")
+        try:
+            subprocess.run([cc, "-O2", "-pthread", "-o", exe, source], check=True, capture_output=True)
+            one_cpu = min(os.sched_getaffinity(0))
+            samples = [float(subprocess.run([exe, str(buffers), str(runs)], check=True, capture_output=True,
+                                            text=True, preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu})).stdout)
+                       for _ in range(3)]
+        except (subprocess.CalledProcessError, ValueError, OSError) as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+    per_buffer_ns = statistics.median(samples)
+    return {"per_buffer_us": per_buffer_ns / 1e3, "samples_us": [x / 1e3 for x in samples],
+            "per_gib_ms": per_buffer_ns * (GiB // PAGE_SIZE // 256) / 1e6}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="1G", help="guest RAM (default 1G; 4G for the RSS goal)")
@@ -807,6 +879,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"name": f"{sc.name} FAILED"})
         report["scenarios"][sc.name] = entry
 
+    floor = transport_floor()
+    report["transport_floor"] = floor
     print()
     print(render_table(rows))
     print("\nBE = back-end process (all threads); perpage/whole = same PFNs on a fresh touched memfd, this process;"
@@ -826,6 +900,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {verdict:8} {text}: {shown}")
         goals.append({"goal": text, "scenario": name, "met": met, "value": shown})
     report["goals"] = goals
+    if "error" in floor:
+        print(f"\nTransport floor: not measured ({floor['error']})")
+    else:
+        print(f"\nTransport floor (scripts/transport_floor.c; GET_CONFIG + kick + SET_CONFIG answered by a C "
+              f"thread doing nothing else, both ends on one CPU: a lower bound): "
+              f"{floor['per_buffer_us']:.1f} us of CPU per 256-PFN buffer "
+              f"(samples {', '.join(f'{x:.1f}' for x in floor['samples_us'])}), "
+              f"{floor['per_gib_ms']:.1f} ms per GiB ballooned.")
+        thp = by_name.get("all-linux-thpon")
+        if thp and thp.get("perpage_cpu_ms") and thp.get("whole_cpu_ms"):
+            best = thp["perpage_cpu_ms"] / (floor["per_gib_ms"] * size / GiB + thp["whole_cpu_ms"])
+            floor["best_thp_perpage_over_backend"] = best
+            print(f"  With THP, a back-end that spent only that plus the whole-range fallocate would reach "
+                  f"per-page/BE = {best:.1f}x at best.")
     report["machine"]["shmem_enabled_at_end"] = sysfs_choice(os.path.join(THP_SYSFS, "shmem_enabled"))
     if args.profile:
         print("\nProfiles (py-spy, back-end, samples while busy):")
