@@ -177,3 +177,20 @@ def test_a_plain_step_of_actual_changes_only_actual(old, new, num_pages):
         assert write.new_actual != num_pages and device.config.actual == new
     else:
         assert device.counters.pages_deflated_unasked > 0 or new == num_pages
+
+
+async def test_a_write_that_changes_poison_val_goes_to_the_session(nursery, socket_path, logs):
+    backend = await start(nursery, socket_path, True)
+    service = backend.service
+    async with await Frontend.connect(backend.socket_path) as frontend:
+        await frontend.initialize()
+        await wait_until(lambda: service.session is not None, what="the session")
+        q0 = service.query()
+        await frontend.set_config(config(actual=2, poison=0xAA))  # the session logs it
+        await frontend.set_config(config(actual=3, poison=0xAA))  # same poison: C takes it
+        assert await frontend.get_config() == config(actual=3, poison=0xAA)
+        q1 = service.query()
+        assert q1["chunks-to-session"] == q0["chunks-to-session"] + 1
+        assert q1["config-writes-in-c"] == q0["config-writes-in-c"] + 1
+        assert q1["poison-val"] == 0xAA and q1["actual-pages"] == 3
+    assert "guest page poison value" in log_text(logs)
