@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+from contextlib import asynccontextmanager
 from functools import partial
 
 import trio
@@ -60,6 +61,15 @@ async def start(nursery, path: str, fast: bool):
     return await nursery.start(partial(run_backend, path, service=BalloonService(fast_config=fast)))
 
 
+@asynccontextmanager
+async def connected(backend):
+    """A front-end through QEMU's start-up messages, its session running."""
+    async with await Frontend.connect(backend.socket_path) as frontend:
+        await frontend.initialize()
+        await wait_until(lambda: backend.service.session is not None, what="the session")
+        yield frontend
+
+
 async def replies_to_script(path: str) -> list[tuple]:
     async with await Frontend.connect(path) as frontend:
         await frontend.initialize()
@@ -91,9 +101,7 @@ async def test_config_replies_are_the_same_in_c_and_in_the_session(nursery, tmp_
 async def test_c_answers_the_config_messages_and_the_session_sees_their_writes(nursery, socket_path, logs):
     backend = await start(nursery, socket_path, True)
     service = backend.service
-    async with await Frontend.connect(backend.socket_path) as frontend:
-        await frontend.initialize()
-        await wait_until(lambda: service.session is not None, what="the session")
+    async with connected(backend) as frontend:
         before = service.query()
         for actual in (3, 9, 4):
             await frontend.set_config(config(actual=actual))
@@ -108,9 +116,7 @@ async def test_c_answers_the_config_messages_and_the_session_sees_their_writes(n
 async def test_a_config_message_split_across_writes_goes_to_the_session_then_c_again(nursery, socket_path):
     backend = await start(nursery, socket_path, True)
     service = backend.service
-    async with await Frontend.connect(backend.socket_path) as frontend:
-        await frontend.initialize()
-        await wait_until(lambda: service.session is not None, what="the session")
+    async with connected(backend) as frontend:
         q0 = service.query()
         message = get_config()
         await frontend.send_raw(message[:5])
@@ -182,9 +188,7 @@ def test_a_plain_step_of_actual_changes_only_actual(old, new, num_pages):
 async def test_a_write_that_changes_poison_val_goes_to_the_session(nursery, socket_path, logs):
     backend = await start(nursery, socket_path, True)
     service = backend.service
-    async with await Frontend.connect(backend.socket_path) as frontend:
-        await frontend.initialize()
-        await wait_until(lambda: service.session is not None, what="the session")
+    async with connected(backend) as frontend:
         q0 = service.query()
         await frontend.set_config(config(actual=2, poison=0xAA))  # the session logs it
         await frontend.set_config(config(actual=3, poison=0xAA))  # same poison: C takes it
