@@ -31,8 +31,10 @@
  * change poison_val goes to the session, which logs it.  Each change of
  * actual is logged with the num_pages of that moment for the session to
  * replay (events, deflate-on-OOM accounting, "guest at target");
- * writes_fd is written when the log stops being empty and when actual
- * reaches num_pages.  A full log sends the write to the session instead.
+ * writes_fd is written when the log stops being empty (the session drains
+ * it at its own pace), target_fd when actual reaches num_pages (at once: the
+ * session frees pending pages then).  A full log sends the write to the
+ * session instead.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -62,7 +64,7 @@
 #define WRITE_LOG 4096
 
 struct vb_front {
-    int sock, chunk_fd, writes_fd, stop_fd, resume_fd;  /* our own duplicates / eventfds */
+    int sock, chunk_fd, writes_fd, target_fd, stop_fd, resume_fd;  /* our own duplicates / eventfds */
     pthread_t thread;
     int started;
     int stop;             /* atomic */
@@ -203,7 +205,7 @@ static int answer(vb_front *f, const uint8_t *msg)
     } else {
         const uint8_t *data = msg + HDR + CFG_HDR;
         uint32_t actual = le32(data + OFF_ACTUAL), num_pages;
-        int wake = 0;
+        int wake = 0, at_target = 0;
 
         pthread_mutex_lock(&f->cfg_mu);
         if (le32(data + OFF_POISON) != le32(f->config + OFF_POISON)) {
@@ -217,7 +219,8 @@ static int answer(vb_front *f, const uint8_t *msg)
                 return 0;
             }
             num_pages = le32(f->config);
-            wake = f->log_len == 0 || actual == num_pages;
+            wake = f->log_len == 0;
+            at_target = actual == num_pages;
             f->log_actual[f->log_len] = actual;
             f->log_num_pages[f->log_len] = num_pages;
             f->log_len++;
@@ -236,6 +239,9 @@ static int answer(vb_front *f, const uint8_t *msg)
         }
         if (wake) {
             signal_fd(f->writes_fd);
+        }
+        if (at_target) {
+            signal_fd(f->target_fd);
         }
         return 1;
     }
@@ -375,7 +381,7 @@ failed:
 
 static void front_release(vb_front *f)
 {
-    int fds[] = {f->sock, f->chunk_fd, f->writes_fd, f->stop_fd, f->resume_fd};
+    int fds[] = {f->sock, f->chunk_fd, f->writes_fd, f->target_fd, f->stop_fd, f->resume_fd};
 
     pthread_mutex_lock(&f->mu);
     if (f->waiting && !f->taken) {
@@ -396,7 +402,7 @@ static void front_release(vb_front *f)
     free(f);
 }
 
-vb_front *vb_front_start(int sock_fd, int chunk_fd, int writes_fd, char *err, size_t errlen)
+vb_front *vb_front_start(int sock_fd, int chunk_fd, int writes_fd, int target_fd, char *err, size_t errlen)
 {
     vb_front *f = calloc(1, sizeof(*f));
     int rc;
@@ -410,10 +416,12 @@ vb_front *vb_front_start(int sock_fd, int chunk_fd, int writes_fd, char *err, si
     f->sock = fcntl(sock_fd, F_DUPFD_CLOEXEC, 0);
     f->chunk_fd = fcntl(chunk_fd, F_DUPFD_CLOEXEC, 0);
     f->writes_fd = fcntl(writes_fd, F_DUPFD_CLOEXEC, 0);
+    f->target_fd = fcntl(target_fd, F_DUPFD_CLOEXEC, 0);
     f->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     f->resume_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     f->buf = malloc(FRONT_BUF);
-    if (f->sock < 0 || f->chunk_fd < 0 || f->writes_fd < 0 || f->stop_fd < 0 || f->resume_fd < 0) {
+    if (f->sock < 0 || f->chunk_fd < 0 || f->writes_fd < 0 || f->target_fd < 0 || f->stop_fd < 0 ||
+        f->resume_fd < 0) {
         vb_seterr(err, errlen, "front-end reader: cannot duplicate its fds (socket %d): %s", sock_fd,
                   strerror(errno));
         front_release(f);
@@ -481,6 +489,7 @@ uint32_t vb_front_take_config_writes(vb_front *f, uint32_t *actual, uint32_t *nu
     uint32_t n;
 
     drain_fd(f->writes_fd);
+    drain_fd(f->target_fd);
     pthread_mutex_lock(&f->cfg_mu);
     n = f->log_len < cap ? f->log_len : cap;
     memcpy(actual, f->log_actual, n * sizeof(uint32_t));

@@ -396,10 +396,11 @@ typedef struct vb_front_counters {
 } vb_front_counters;
 
 /* Starts the thread on a duplicate of sock_fd; it writes chunk_fd when a
- * chunk waits (vb_front_take) and writes_fd when config writes wait
- * (vb_front_take_config_writes).  It answers nothing until the first
+ * chunk waits (vb_front_take), writes_fd when config writes start to wait
+ * (vb_front_take_config_writes) and target_fd when a write reached
+ * num_pages.  It answers nothing until the first
  * vb_front_resume(fast=1).  NULL on failure (err). */
-vb_front *vb_front_start(int sock_fd, int chunk_fd, int writes_fd, char *err, size_t errlen);
+vb_front *vb_front_start(int sock_fd, int chunk_fd, int writes_fd, int target_fd, char *err, size_t errlen);
 /* 1: the waiting chunk was copied to out/data (cap bytes at most); 0: none waits. */
 int vb_front_take(vb_front *f, vb_front_chunk *out, uint8_t *data, uint32_t cap);
 /* The session handled the chunk it took; fast: the thread may answer config

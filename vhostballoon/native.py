@@ -933,17 +933,19 @@ class FrontReader:
     (resume(fast=True)), and hands every other chunk to the session:
     ``chunk_fd`` becomes readable, take() returns it, resume() lets the
     thread read on.  ``writes_fd`` becomes readable when changes of
-    ``actual`` wait in take_config_writes().  The socket fd is duplicated:
+    ``actual`` start to wait in take_config_writes(), ``target_fd`` when
+    one of them reached num_pages.  The socket fd is duplicated:
     the caller keeps its own."""
 
     def __init__(self, sock_fd: int) -> None:
         self.chunk_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.writes_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.target_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         err = _errbuf()
-        front = lib.vb_front_start(sock_fd, self.chunk_fd, self.writes_fd, err, _ERRLEN)
+        front = lib.vb_front_start(sock_fd, self.chunk_fd, self.writes_fd, self.target_fd, err, _ERRLEN)
         if front == ffi.NULL:
-            os.close(self.chunk_fd)
-            os.close(self.writes_fd)
+            for fd in (self.chunk_fd, self.writes_fd, self.target_fd):
+                os.close(fd)
             raise OSError(_errtext(err))
         self._front = front
         self._chunk = ffi.new("vb_front_chunk *")
@@ -993,8 +995,8 @@ class FrontReader:
         if self._front is not None:
             lib.vb_front_free(self._front)
             self._front = None
-            os.close(self.chunk_fd)
-            os.close(self.writes_fd)
+            for fd in (self.chunk_fd, self.writes_fd, self.target_fd):
+                os.close(fd)
 
 
 # ---- fault injection (scripts/faults/ only) -----------------------------------------

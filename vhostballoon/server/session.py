@@ -214,6 +214,7 @@ class FrontendSession:
                 nursery.start_soon(self._notify_loop)
                 nursery.start_soon(self._snapshot_timer)
                 nursery.start_soon(self._config_writes_loop)
+                nursery.start_soon(self._config_target_loop)
                 try:
                     await self._receive_loop()
                 finally:
@@ -224,7 +225,7 @@ class FrontendSession:
 
     def close(self) -> None:
         if self.front is not None:  # first: nothing is answered from now on
-            for fd in (self.front.chunk_fd, self.front.writes_fd):
+            for fd in (self.front.chunk_fd, self.front.writes_fd, self.front.target_fd):
                 trio.lowlevel.notify_closing(fd)
             self.front.close()
             self.front = None
@@ -299,6 +300,13 @@ class FrontendSession:
             await trio.lowlevel.wait_readable(self.front.writes_fd)
             self._apply_config_writes()
             await trio.sleep(CONFIG_WRITES_INTERVAL)
+
+    async def _config_target_loop(self) -> None:
+        """The guest wrote actual == num_pages: replay at once (the flush at
+        the target starts from there), not at the batch pace."""
+        while True:
+            await trio.lowlevel.wait_readable(self.front.target_fd)
+            self._apply_config_writes()
 
     def _apply_config_writes(self) -> None:
         if self.front is None:
