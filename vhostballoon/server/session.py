@@ -79,8 +79,9 @@ BACKEND_REPLY_TIMEOUT = 5.0  # seconds to wait for the front-end's ack of CONFIG
 # Reporting buffers with invalid entries logged per connection; later ones are only counted.
 INVALID_REPORT_LOG_LIMIT = 20
 # The guest's writes of ``actual`` taken by the reader thread are replayed
-# (events, accounting, "guest at target") at most this often, in batches.
-CONFIG_WRITES_INTERVAL = 0.02
+# (events, accounting) at most this often, in batches; a write that reaches
+# the target is replayed at once (target_fd).
+CONFIG_WRITES_INTERVAL = 0.05
 TRUNCATED_FDS = (
     "peer sent more fds than a vhost-user message may carry (8); ancillary data truncated"
 )
