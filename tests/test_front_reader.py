@@ -198,3 +198,22 @@ async def test_a_write_that_changes_poison_val_goes_to_the_session(nursery, sock
         assert q1["config-writes-in-c"] == q0["config-writes-in-c"] + 1
         assert q1["poison-val"] == 0xAA and q1["actual-pages"] == 3
     assert "guest page poison value" in log_text(logs)
+
+
+async def test_a_front_end_that_leaves_with_a_reply_unread_ends_the_session_cleanly(nursery, socket_path, logs):
+    """Closing a unix socket with data unread makes the peer's next read fail
+    (ECONNRESET): the reader thread hands that to the session, which ends,
+    closes everything and serves the next front-end."""
+    backend = await start(nursery, socket_path, True)
+    fds_before = fd_count()
+    frontend = await Frontend.connect(backend.socket_path)
+    await frontend.initialize()
+    await wait_until(lambda: backend.service.session is not None, what="the session")
+    await frontend.send_raw(get_config())  # answered by C; never read
+    await wait_until(lambda: backend.service.query()["config-reads-in-c"] == 1, what="the reply")
+    await frontend.aclose()
+    await wait_no_session(backend.service)
+    assert "front-end connection failed" in log_text(logs) and "Connection reset by peer" in log_text(logs)
+    await wait_until(lambda: fd_count() == fds_before, what="every fd closed")
+    async with connected(backend) as again:
+        assert await again.get_config() == config()
