@@ -111,6 +111,7 @@ struct vb_worker {
     uint64_t flush_pages;   /* atomic: collect pending pages at this many; 0 never */
     int stop;               /* atomic: leave at the next batch boundary */
     int pending_notice;     /* atomic: notify when pending pages appear (once; the session re-asks) */
+    uint64_t batch_pending; /* inflate: pending pages of batch-tracked regions after the last pass */
     vb_journal *journal;
     pthread_t thread;
     int started;
@@ -211,6 +212,7 @@ static void free_now(vb_worker *w, uint32_t n, vb_discard_stats *st, uint64_t *m
 #define JOURNAL_INFLATE 1
 #define JOURNAL_DEFLATE 2
 #define JOURNAL_COLLECT 3
+#define JOURNAL_COLLECT_BATCH 5   /* the pending pages of batch-tracked regions only */
 /* How long a worker waits (1 ms per try) for the session's snapshot when
  * the journal is full before it drops the record. */
 #define JOURNAL_WAIT_TRIES 2000
@@ -263,6 +265,27 @@ static int journal_batch(vb_worker *w, uint32_t n_changed, int flushed)
     return half;
 }
 
+/* The balloon holds at least the session's target (lock held). */
+static int at_target(vb_worker *w)
+{
+    uint64_t target = __atomic_load_n(&w->mem->target_pages, __ATOMIC_RELAXED);
+
+    return target != 0 && vb_track_pending_batch(w->mem) != 0 && vb_mem_ballooned_pages(w->mem) >= target;
+}
+
+/* Frees every pending page of plain shmem regions (lock held); 1 if any. */
+static int flush_batch(vb_worker *w, vb_discard_stats *st, uint64_t *measured, int *flushed)
+{
+    int any = 0;
+    uint32_t n;
+
+    while ((n = vb_track_collect_batch(w->mem, w->ranges, WORKER_MAX_PFNS)) > 0) {
+        free_now(w, n, st, measured, flushed);
+        any = 1;
+    }
+    return any;
+}
+
 /* Serves every buffer available now, batch by batch.  Returns 1 when the
  * session should look (something to log, a ring broken, pending pages
  * appeared), 0 otherwise.  Takes and releases the lock. */
@@ -277,7 +300,7 @@ static int serve_available(vb_worker *w)
         uint32_t n_ranges = 0;
         uint64_t pending_before = 0, pending_dropped = 0, measured = 0;
         vb_discard_stats st;
-        int popped, flushed = 0;
+        int popped, flushed = 0, batch_flushed = 0;
 
         if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE) || !w->vq->ready) {
             break;
@@ -310,6 +333,10 @@ static int serve_available(vb_worker *w)
             /* Freed before the buffers go back: the guest may reuse a page
              * only after it deflates it, and its deflate waits for our lock. */
             free_now(w, n_ranges, &st, &measured, &flushed);
+            /* The balloon reached the session's target: the partial blocks
+             * of plain shmem go too, before the guest sees its last buffer
+             * back (then "at target" means "freed", as without batching). */
+            batch_flushed = at_target(w) && flush_batch(w, &st, &measured, &flushed);
             if (pending_before == 0 && vb_track_pending(w->mem, 1, NULL) > 0 &&
                 __atomic_exchange_n(&w->pending_notice, 0, __ATOMIC_ACQ_REL)) {
                 notify = 1;   /* the session arms the flush deadline */
@@ -325,6 +352,9 @@ static int serve_available(vb_worker *w)
             if (journal_batch(w, n_changed, flushed)) {
                 notify = 1;
             }
+        }
+        if (w->journal != NULL && batch_flushed && journal_record(w, JOURNAL_COLLECT_BATCH, NULL, 0) > 0) {
+            notify = 1;
         }
         if (!w->vq->ready) {
             /* Only after a wait for the journal, lock released: the ring
@@ -363,8 +393,37 @@ static int serve_available(vb_worker *w)
             __atomic_add_fetch(&w->c.signals, 1, __ATOMIC_RELAXED);
         }
     }
+    if (w->inflate) {
+        w->batch_pending = vb_track_pending_batch(w->mem);
+    }
     vb_lock_release(w->lock);
     return notify;
+}
+
+/* The inflate queue has been quiet for IDLE_FLUSH_MS with pages of plain
+ * shmem pending in partial 2 MiB blocks: the guest stopped short of a block
+ * (or of its target), so free them now.  Takes and releases the lock. */
+static void idle_flush(vb_worker *w)
+{
+    vb_discard_stats st;
+    uint64_t measured = 0;
+    int flushed = 0;
+
+    memset(&st, 0, sizeof(st));
+    st.failed_region = -1;
+    vb_lock_acquire(w->lock);
+    if (flush_batch(w, &st, &measured, &flushed) && w->journal != NULL) {
+        journal_record(w, JOURNAL_COLLECT_BATCH, NULL, 0);
+    }
+    w->batch_pending = vb_track_pending_batch(w->mem);
+    pthread_mutex_lock(&w->counters_mu);
+    w->c.freed_measured += measured;
+    discard_stats_add(&w->c.discard, &st);
+    pthread_mutex_unlock(&w->counters_mu);
+    vb_lock_release(w->lock);
+    if (st.bytes_failed) {
+        eventfd_signal(w->notify_fd);
+    }
 }
 
 /* A kick that brought no buffer costs a lock round and a pop; a guest that
@@ -374,11 +433,15 @@ static int serve_available(vb_worker *w)
  * this much more (scripts/faults/kick_flood.py). */
 #define SPURIOUS_KICK_PAUSE_NS 200000
 
+/* How long the inflate queue may stay quiet before pending plain shmem
+ * pages are freed (idle_flush). */
+#define IDLE_FLUSH_MS 10
+
 static void *worker_main(void *arg)
 {
     vb_worker *w = arg;
     struct pollfd fds[2] = {{.fd = w->kick_fd, .events = POLLIN}, {.fd = w->stop_fd, .events = POLLIN}};
-    int kicked = 0;
+    int kicked = 0, rc;
 
     for (;;) {
         uint64_t buffers_before = __atomic_load_n(&w->c.buffers, __ATOMIC_RELAXED);
@@ -397,11 +460,16 @@ static void *worker_main(void *arg)
         if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE)) {
             break;
         }
-        if (poll(fds, 2, -1) < 0) {
+        rc = poll(fds, 2, w->batch_pending ? IDLE_FLUSH_MS : -1);
+        if (rc < 0) {
             if (errno == EINTR) {
                 continue;
             }
             break;   /* cannot happen with valid fds; the session sees the thread gone */
+        }
+        if (rc == 0) {
+            idle_flush(w);
+            continue;
         }
         if (fds[1].revents) {
             break;

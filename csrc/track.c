@@ -519,3 +519,46 @@ uint64_t vb_track_pending(const vb_mem *mem, int collectable_only, uint64_t *old
     }
     return pages;
 }
+
+/* ---- batch-tracked regions (plain shmem) ---------------------------------- */
+
+static int batch_only(const vb_region *r)
+{
+    return r->pending != NULL && !r->thp && r->backing == VB_BACKING_SHMEM;
+}
+
+uint64_t vb_track_pending_batch(const vb_mem *mem)
+{
+    uint64_t pages = 0;
+
+    for (uint32_t i = 0; i < mem->nregions; i++) {
+        if (batch_only(&mem->regions[i])) {
+            pages += mem->regions[i].pending_pages;
+        }
+    }
+    return pages;
+}
+
+uint32_t vb_track_collect_batch(vb_mem *mem, vb_range *ranges, uint32_t max_ranges)
+{
+    uint32_t nr = 0;
+
+    for (uint32_t i = 0; i < mem->nregions && nr < max_ranges; i++) {
+        vb_region *r = &mem->regions[i];
+
+        if (batch_only(r) && r->pending_pages) {
+            nr += vb_track_collect(mem, (int)i, ranges + nr, max_ranges - nr);
+        }
+    }
+    return nr;
+}
+
+uint64_t vb_mem_ballooned_pages(const vb_mem *mem)
+{
+    uint64_t pages = 0;
+
+    for (uint32_t i = 0; i < mem->nregions; i++) {
+        pages += mem->regions[i].ballooned_pages;
+    }
+    return pages;
+}

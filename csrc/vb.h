@@ -53,6 +53,11 @@ typedef struct vb_region {
 typedef struct vb_mem {
     uint32_t nregions;
     vb_region regions[32];
+    /* The session's num_pages (0: none): once the balloon holds this many
+     * pages, the inflate worker frees the pending pages of batch-tracked
+     * regions (plain shmem, vb_track_collect_batch) before it returns the
+     * buffer that got there. */
+    uint64_t target_pages;
 } vb_mem;
 
 /* Split virtqueue state (virtio 1.x, 2.7).  Pointers are into guest RAM. */
@@ -264,6 +269,15 @@ uint32_t vb_track_collect(vb_mem *mem, int region, vb_range *ranges, uint32_t ma
  * vb_track_collect would take.  *oldest_ns (may be NULL) gets the earliest
  * pending_since_ns of those regions (CLOCK_MONOTONIC), 0 if none pending. */
 uint64_t vb_track_pending(const vb_mem *mem, int collectable_only, uint64_t *oldest_ns);
+/* Plain shmem regions (no THP possible) tracked in 2 MiB blocks only to free
+ * across buffers in large ranges: their partial blocks are freed under every
+ * policy, at the target, when the inflate queue goes idle, or on a flush.
+ * Pending pages of those regions, and collecting them alone (as
+ * vb_track_collect; returns the number of ranges). */
+uint64_t vb_track_pending_batch(const vb_mem *mem);
+uint32_t vb_track_collect_batch(vb_mem *mem, vb_range *ranges, uint32_t max_ranges);
+/* Pages in the balloon, all regions. */
+uint64_t vb_mem_ballooned_pages(const vb_mem *mem);
 
 /* ---- state export / import (persist.c) ---------------------------------
  * A region's ballooned bitmap and pending bitmap as raw words (bit p of

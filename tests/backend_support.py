@@ -20,6 +20,17 @@ def log_text(entries: list[dict]) -> str:
     return "\n".join(" ".join(f"{k}={v}" for k, v in e.items()) for e in entries)
 
 
+async def wait_pending_freed(service: BalloonService, *, timeout: float = 5.0) -> None:
+    """Until nothing is pending: pages of a partial 2 MiB block of plain shmem
+    wait until the block completes, the guest reaches its target or the
+    inflate queue has been quiet for 10 ms."""
+    await wait_until(lambda: service.query()["pending-bytes"] == 0, timeout=timeout, what="pending pages taken")
+    session = service.session
+    if session is not None:
+        async with session.memory_lock:  # a C worker's flush holds it until the pages it took are freed
+            pass
+
+
 async def wait_no_session(service: BalloonService, *, timeout: float = 10.0) -> None:
     """Until the back-end has finished (and cleaned up) its current session."""
     await wait_until(lambda: service.session is None, timeout=timeout, what="the session to end")

@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from backend_support import MiB, PAGE, fd_count, log_text, wait_no_session, wait_until
+from backend_support import MiB, PAGE, fd_count, log_text, wait_no_session, wait_pending_freed, wait_until
 from vhostballoon.testing import Frontend, FrontendError, GuestRAM, model_guest
 from vhostballoon.vhost_user.codec import (
     MemoryRegion,
@@ -390,6 +390,7 @@ async def test_pfns_outside_guest_memory_are_ignored_and_counted(backend, logs):
             assert info["invalid-pfns"] == 3
             assert info["ballooned-bytes"] == 2 * PAGE
             assert info["broken-queues"] == {}
+            await wait_pending_freed(service)
             assert host_holes(ram) == set(good)  # the two good ones freed, nothing else
             assert ram.check_canary(sorted(set(driver.guest_owned_pfns()) - set(good))) == []
             warnings = log_text([e for e in logs if e.get("log_level") == "warning"])
@@ -411,6 +412,7 @@ async def test_duplicate_pfns_and_pfns_inflated_twice_are_not_double_counted(bac
             assert info["pages-inflated"] == 2
             assert info["repeated-pfns"] == 2
             assert info["invalid-pfns"] == 0
+            await wait_pending_freed(service)
             assert host_holes(ram) == {p, q}
             text = log_text(logs)
             # One line per look at the C thread's counters: the two batches

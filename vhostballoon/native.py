@@ -510,6 +510,19 @@ class GuestMemory:
         out.n = lib.vb_track_collect(mem, -1 if region is None else region, out.cdata, out.capacity)
         return out
 
+    def collect_pending_batch(self) -> RangeList:
+        """Take the pending pages of plain shmem regions (tracked in 2 MiB
+        blocks only to free across buffers), as coalesced ranges."""
+        mem = self._table()
+        out = RangeList(lib.vb_track_pending_batch(mem))
+        out.n = lib.vb_track_collect_batch(mem, out.cdata, out.capacity)
+        return out
+
+    def set_target_pages(self, pages: int) -> None:
+        """The session's num_pages: the inflate worker frees the pending
+        pages of plain shmem regions once the balloon holds this many."""
+        self._table().target_pages = pages
+
     def pending(self, collectable_only: bool = False) -> tuple[int, int | None]:
         """(bytes pending, CLOCK_MONOTONIC ns since when, or None), over every
         region or only those collect_pending takes from."""

@@ -43,6 +43,8 @@ THP_SYSFS = "/sys/kernel/mm/transparent_hugepage"
 # x86-64 PMD size; only used when sysfs does not say (THP compiled out, in
 # which case shmem has no huge pages anyway and this is never tracked).
 FALLBACK_PMD_SIZE = 2 << 20
+# Plain shmem is tracked in blocks of this size (Backing.granule).
+BATCH_GRANULE = 2 << 20
 
 # Why these defaults (auto policy).  The operator's target must show up in
 # host memory soon after the guest reaches it, without splitting THPs that
@@ -91,9 +93,16 @@ class Backing:
 
     @property
     def granule(self) -> int:
-        """Huge page size the tracker counts in; PAGE_SIZE frees pages as they come."""
+        """Block size the tracker counts in; PAGE_SIZE frees pages as they come.
+        Plain shmem (no huge page possible) is counted in 2 MiB blocks too,
+        only to free across buffers in large ranges: a block is freed when
+        complete, and its pages wait at most until the guest reaches its
+        target or its inflate queue is quiet for 10 ms (csrc/serve.c), under
+        every policy."""
         if self.kind == "hugetlbfs" or (self.kind == "shmem" and self.thp_possible):
             return self.huge_page_size
+        if self.kind == "shmem":
+            return BATCH_GRANULE
         return PAGE_SIZE
 
 
@@ -316,6 +325,10 @@ class HugePageTracker:
         """Take the collectable pending pages (call only when flush_due says so)."""
         return self.memory.collect_pending()
 
+    def collect_batch(self) -> RangeList:
+        """Take the pending pages of plain shmem regions (any policy, any time)."""
+        return self.memory.collect_pending_batch()
+
     def discard(self, ranges: RangeList) -> DiscardStats:
         """Free ranges.  Blocking: run it in a worker thread, lock held."""
         return self.memory.discard_ranges(ranges)
@@ -329,7 +342,8 @@ class HugePageTracker:
             regions.append({
                 "gpa": hex(r.gpa),
                 "backing": r.backing,
-                "huge-page-size": r.huge_page_size,
+                "huge-page-size": b.huge_page_size if b else r.huge_page_size,
+                "tracking-block": r.huge_page_size,
                 "thp": b.thp if b else "no",
                 "thp-setting": b.thp_setting if b else None,
                 "pending-bytes": r.pending_pages * PAGE_SIZE,

@@ -124,6 +124,7 @@ KIND_INFLATE = 1  # values: PFNs that became ballooned
 KIND_DEFLATE = 2  # values: PFNs that left the balloon
 KIND_COLLECT = 3  # no values: every collectable pending page was taken (and freed)
 KIND_ACTUAL = 4  # one value: the guest's actual (pages)
+KIND_COLLECT_BATCH = 5  # no values: the pending pages of plain shmem regions were taken (and freed)
 
 
 class PersistError(Exception):
@@ -390,6 +391,8 @@ class SessionPersistence:
                     self.huge.deflated(update.changed)
             elif kind == KIND_COLLECT:
                 self.huge.collect()  # freed then; not again
+            elif kind == KIND_COLLECT_BATCH:
+                self.huge.collect_batch()
             elif kind == KIND_ACTUAL and len(values) == 4:
                 restored.actual = struct.unpack("<I", values)[0]
         return RangeList.from_list(self._still_ballooned(handed_out))
@@ -444,6 +447,11 @@ class SessionPersistence:
         """Pending pages were taken and freed (a flush)."""
         if self.journal is not None:
             self._append(KIND_COLLECT, b"")
+
+    def record_collect_batch(self) -> None:
+        """The pending pages of plain shmem regions were taken and freed."""
+        if self.journal is not None:
+            self._append(KIND_COLLECT_BATCH, b"")
 
     def record_actual(self, actual: int) -> None:
         if self.journal is not None and actual != self.actual:

@@ -288,6 +288,7 @@ class FrontendSession:
                 await self._flush_quietly()
                 return
             front.set_config(self.device.config.pack())
+            self.memory.set_target_pages(self.device.config.num_pages)
             front.resume(fast=self.fast_config and self._config_negotiated(), partial=self.conn.has_partial_message)
 
     def _config_negotiated(self) -> bool:
@@ -854,6 +855,12 @@ class FrontendSession:
                         thp_splits=self.device.counters.discard.splits - splits_before,
                         policy=self.huge.policy.mode.value,
                     )
+            # Plain shmem's partial 2 MiB blocks: no huge page to keep whole,
+            # so they go under every policy.
+            batch = self.huge.collect_batch()
+            if len(batch):
+                await self._discard(batch)
+                self.persist.record_collect_batch()
         self._arm_flush_timer()
 
     def _arm_flush_timer(self) -> None:
@@ -1000,6 +1007,7 @@ class FrontendSession:
 
     def set_target(self, target_bytes: int) -> None:
         if self.device.set_target(target_bytes):
+            self.memory.set_target_pages(self.device.config.num_pages)
             if self.front is not None:
                 self.front.set_num_pages(self.device.config.num_pages)
             log.info("new target for the guest", num_pages=self.device.config.num_pages)
