@@ -32,11 +32,6 @@ async def backend(nursery, socket_path, logs):
     return await nursery.start(partial(run_backend, socket_path, service=service))
 
 
-def holes(ram) -> set[int]:
-    bitmap = ram.hole_bitmap()
-    return {pfn for pfn in ram.guest_pfns() if bitmap[pfn]}
-
-
 def pages_of(ranges) -> set[int]:
     """PFNs of (gpa, length) byte ranges."""
     return {pfn for gpa, length in ranges for pfn in range(gpa // PAGE, (gpa + length) // PAGE)}
@@ -50,7 +45,7 @@ async def test_reports_free_exactly_the_valid_ranges_and_every_buffer_comes_back
         service.set_target(GUEST - 1 * MiB)
         await guest.wait_for_target(MiB // PAGE)
         ballooned = set(driver.balloon_pfns)
-        assert holes(ram) == ballooned
+        assert ram.host_holes() == ballooned
         free = driver.free_blocks(BLOCK)
         blocks = [(first * PAGE, n * PAGE) for first, n in free]
         # The sequential guest balloons its lowest pages: block 1 holds them.
@@ -77,7 +72,7 @@ async def test_reports_free_exactly_the_valid_ranges_and_every_buffer_comes_back
 
         # Exactly the valid ranges are holes now (plus the balloon); every
         # other guest page still holds its canary.
-        assert holes(ram) == ballooned | pages_of(valid)
+        assert ram.host_holes() == ballooned | pages_of(valid)
         keep = sorted(set(driver.guest_owned_pfns()) - pages_of(valid))
         assert ram.check_canary(keep) == []
 
@@ -101,7 +96,7 @@ async def test_reports_free_exactly_the_valid_ranges_and_every_buffer_comes_back
         # The queue goes on: Linux-style reports of 32 entries each come back too.
         more = driver.free_blocks(BLOCK)[10:50]
         assert await driver.report_in_buffers(more) == 2
-        assert holes(ram) >= pages_of((f * PAGE, n * PAGE) for f, n in more)
+        assert ram.host_holes() >= pages_of((f * PAGE, n * PAGE) for f, n in more)
         assert service.query()["report-buffers"] == 3
         # The balloon still works, and the reported pages are the guest's to use.
         service.set_target(GUEST)
@@ -119,10 +114,10 @@ async def test_a_device_readable_report_breaks_only_the_reporting_queue(backend)
         guest.driver.kick(QueueRole.REPORTING)
         broken = await wait_until(lambda: service.query()["broken-queues"], what="the reporting queue to break")
         assert list(broken) == [vq.index] and "device-readable" in broken[vq.index]
-        assert holes(guest.ram) == set()
+        assert guest.ram.host_holes() == set()
         service.set_target(GUEST - 2 * MiB)  # the balloon is not affected
         await guest.wait_for_target(2 * MiB // PAGE)
-        assert holes(guest.ram) == set(guest.driver.balloon_pfns)
+        assert guest.ram.host_holes() == set(guest.driver.balloon_pfns)
 
 
 async def test_a_poisoning_guest_keeps_its_reported_pages(backend, logs):
@@ -136,7 +131,7 @@ async def test_a_poisoning_guest_keeps_its_reported_pages(backend, logs):
         await driver.report_in_buffers(reported)
         # Nothing reported is discarded: a freed page would read back as
         # zeros, not as the guest's poison.
-        assert holes(ram) == set()
+        assert ram.host_holes() == set()
         assert ram.check_canary() == []
         info = service.query()
         assert info["report-freed-bytes"] == 0
@@ -146,7 +141,7 @@ async def test_a_poisoning_guest_keeps_its_reported_pages(backend, logs):
         # Inflated pages are discarded as usual: the guest poisons pages it frees.
         service.set_target(GUEST - 4 * MiB)
         await guest.wait_for_target(4 * MiB // PAGE)
-        assert holes(ram) == set(driver.balloon_pfns) and len(holes(ram)) == 4 * MiB // PAGE
+        assert ram.host_holes() == set(driver.balloon_pfns) and len(ram.host_holes()) == 4 * MiB // PAGE
 
 
 async def test_without_poison_offered_a_poisoning_guest_does_not_report(nursery, socket_path):

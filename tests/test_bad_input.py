@@ -47,12 +47,6 @@ def eventfd() -> int:
     return os.eventfd(0, os.EFD_CLOEXEC)
 
 
-def host_holes(ram: GuestRAM) -> set[int]:
-    """Guest pages (outside the reserved area) that the host no longer holds."""
-    holes = ram.hole_bitmap()
-    return {pfn for pfn in ram.guest_pfns() if holes[pfn]}
-
-
 def error_entries(logs: list[dict]) -> str:
     return log_text([e for e in logs if e.get("log_level") == "error"])
 
@@ -359,14 +353,14 @@ async def test_ring_fault_breaks_the_queue_and_frees_nothing_else(backend, logs,
             # Nothing the guest kept was freed: every guest-owned page holds its
             # canary, and the memfd's holes are the balloon's pages, no more.
             assert ram.check_canary(driver.guest_owned_pfns()) == []
-            assert host_holes(ram) == set(driver.balloon_pfns)
+            assert ram.host_holes() == set(driver.balloon_pfns)
             assert ram.allocated_bytes() >= allocated
             assert service.query()["ballooned-bytes"] == 2 * MiB
 
             # A broken queue stays broken: a good buffer later is not even read.
             await driver.send_pfns("inflate", driver.guest_owned_pfns()[:16], wait=False)
             await trio.sleep(0.1)
-            assert host_holes(ram) == set(driver.balloon_pfns)
+            assert ram.host_holes() == set(driver.balloon_pfns)
 
             # The rest of the session still answers.
             config = await guest.frontend.get_config()
@@ -391,7 +385,7 @@ async def test_pfns_outside_guest_memory_are_ignored_and_counted(backend, logs):
             assert info["ballooned-bytes"] == 2 * PAGE
             assert info["broken-queues"] == {}
             await wait_pending_freed(service)
-            assert host_holes(ram) == set(good)  # the two good ones freed, nothing else
+            assert ram.host_holes() == set(good)  # the two good ones freed, nothing else
             assert ram.check_canary(sorted(set(driver.guest_owned_pfns()) - set(good))) == []
             warnings = log_text([e for e in logs if e.get("log_level") == "warning"])
             assert "pfns outside guest memory ignored" in warnings
@@ -413,7 +407,7 @@ async def test_duplicate_pfns_and_pfns_inflated_twice_are_not_double_counted(bac
             assert info["repeated-pfns"] == 2
             assert info["invalid-pfns"] == 0
             await wait_pending_freed(service)
-            assert host_holes(ram) == {p, q}
+            assert ram.host_holes() == {p, q}
             text = log_text(logs)
             # One line per look at the C thread's counters: the two batches
             # may be reported in one line or two, the counts add up to 2.
@@ -436,7 +430,7 @@ async def test_deflating_a_pfn_never_inflated_is_counted_and_harmless(backend, l
             assert info["pages-deflated"] == 0
             assert info["ballooned-bytes"] == 0
             assert info["broken-queues"] == {}
-            assert host_holes(ram) == set()
+            assert ram.host_holes() == set()
             assert ram.check_canary([r]) == []
             text = log_text(logs)
             assert "pfns deflated that were not ballooned" in text and f"first_pfn={r:#x}" in text
@@ -446,9 +440,9 @@ async def test_deflating_a_pfn_never_inflated_is_counted_and_harmless(backend, l
 async def balloon_in_same_session(service, guest, *, extra_ballooned: int) -> None:
     """The session goes on normally: 1 MiB ballooned, freed, counted exactly."""
     ram, driver = guest.ram, guest.driver
-    extra_holes = host_holes(ram)
+    extra_holes = ram.host_holes()
     service.set_target(GUEST - 1 * MiB)
     await guest.wait_for_target(1 * MiB // PAGE)
     assert service.query()["ballooned-bytes"] == 1 * MiB + extra_ballooned
-    assert host_holes(ram) == set(driver.balloon_pfns) | extra_holes
+    assert ram.host_holes() == set(driver.balloon_pfns) | extra_holes
     assert ram.check_canary(sorted(set(driver.guest_owned_pfns()) - extra_holes)) == []

@@ -26,7 +26,7 @@ from backend_support import MiB, PAGE
 from vhostballoon.testing import BalloonDriver, Frontend, GuestRAM
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "faults"))
-from _common import ControlClient, daemon_process, host_holes, wait_until  # noqa: E402
+from _common import ControlClient, daemon_process, wait_until  # noqa: E402
 
 RAM = 256 * MiB
 
@@ -180,7 +180,7 @@ async def test_sigkill_restart_brings_back_target_and_pending_pages(sock_dir, th
             freed = allocated - ram.allocated_bytes()
             assert before["pending-bytes"] <= freed <= before["pending-bytes"] + HUGE_SLACK, (
                 freed, {k: v for k, v in flushed.items() if "byte" in k or "split" in k})
-            assert host_holes(ram) == set(driver.balloon_pfns)
+            assert ram.host_holes() == set(driver.balloon_pfns)
             assert ram.check_canary(driver.guest_owned_pfns()) == []
 
             # -- 2: SIGKILL in the middle of an inflate: the balloon reaches its target
@@ -201,7 +201,7 @@ async def test_sigkill_restart_brings_back_target_and_pending_pages(sock_dir, th
             assert info["ballooned-bytes"] == 128 * MiB
             # Every page of the balloon is freed (no pending page was
             # forgotten) and nothing else is (no guest page lost).
-            assert host_holes(ram) == set(driver.balloon_pfns)
+            assert ram.host_holes() == set(driver.balloon_pfns)
             assert ram.check_canary(driver.guest_owned_pfns()) == []
 
 
@@ -246,7 +246,7 @@ async def test_page_deflated_after_the_last_snapshot_is_never_freed(sock_dir, th
             assert ram.check_canary(taken_back) == []  # the guest's data is intact
             assert info["ballooned-bytes"] == 62 * MiB
             assert ram.check_canary(driver.guest_owned_pfns()) == []
-            assert host_holes(ram) == set(driver.balloon_pfns)
+            assert ram.host_holes() == set(driver.balloon_pfns)
 
 
 def pending_in(doc: dict, pfns: list[int]) -> list[int]:

@@ -17,11 +17,6 @@ from vhostballoon.testing import model_guest
 BLOCK = 2 * MiB
 
 
-def host_holes(ram) -> set[int]:
-    holes = ram.hole_bitmap()
-    return {pfn for pfn in ram.guest_pfns() if holes[pfn]}
-
-
 async def test_random_order_is_freed_in_blocks_and_all_of_it_at_the_target(backend):
     service = backend.service
     target = 64 * MiB
@@ -33,7 +28,7 @@ async def test_random_order_is_freed_in_blocks_and_all_of_it_at_the_target(backe
         # only after the partial blocks were freed.
         info = service.query()
         assert info["pending-bytes"] == 0
-        assert host_holes(guest.ram) == set(guest.driver.balloon_pfns)
+        assert guest.ram.host_holes() == set(guest.driver.balloon_pfns)
         assert guest.ram.check_canary(guest.driver.guest_owned_pfns()) == []
         # Freed as coalesced as the whole balloon allows (each maximal run of
         # ballooned pages, cut at most at block edges), not buffer by buffer
@@ -56,11 +51,11 @@ async def test_pages_of_a_partial_block_are_freed_once_the_queue_is_quiet(backen
         pages = [first + 3, first + 100, first + 511]
         await driver.send_pfns("inflate", pages)
         assert service.query()["pending-bytes"] == 3 * PAGE  # kept: the block may still complete
-        assert not host_holes(ram) & set(pages)
+        assert not ram.host_holes() & set(pages)
         await wait_until(lambda: service.query()["discarded-bytes"] == 3 * PAGE, timeout=2,
                          what="the idle flush")
         assert service.query()["pending-bytes"] == 0
-        assert host_holes(ram) == set(pages)
+        assert ram.host_holes() == set(pages)
 
 
 async def test_a_page_taken_back_while_pending_is_never_freed(backend):
@@ -81,4 +76,4 @@ async def test_a_page_taken_back_while_pending_is_never_freed(backend):
         await wait_pending_freed(service)
         await trio.sleep(0.05)
         assert ram.check_canary([taken_back]) == []
-        assert host_holes(ram) == set(given) - {taken_back}
+        assert ram.host_holes() == set(given) - {taken_back}

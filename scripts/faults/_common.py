@@ -152,8 +152,7 @@ def cpu_seconds(pid: int) -> float:
 
 def host_holes(ram: GuestRAM) -> set[int]:
     """Guest pages (outside the reserved area) that the host no longer holds."""
-    holes = ram.hole_bitmap()
-    return {pfn for pfn in ram.guest_pfns() if holes[pfn]}
+    return ram.host_holes()
 
 
 def log_text(entries: Iterable[dict]) -> str:

@@ -176,6 +176,11 @@ class GuestRAM:
             offset = data
         return holes
 
+    def host_holes(self) -> set[int]:
+        """Guest pages (outside the reserved area) the host no longer holds."""
+        holes = self.hole_bitmap()
+        return {pfn for pfn in self.guest_pfns() if holes[pfn]}
+
     def check_canary(self, pfns: Iterable[int] | None = None) -> list[int]:
         """PFNs whose canary is wrong or whose page is gone (a hole), in the
         order given (all guest pages if ``pfns`` is None). Never reads a hole."""
