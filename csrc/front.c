@@ -101,24 +101,6 @@ static inline void put32(uint8_t *p, uint32_t v)
     p[3] = v >> 24;
 }
 
-static void signal_fd(int fd)
-{
-    uint64_t one = 1;
-
-    if (write(fd, &one, sizeof(one)) < 0) {
-        /* EAGAIN: saturated, a wakeup is pending anyway */
-    }
-}
-
-static void drain_fd(int fd)
-{
-    uint64_t v;
-
-    if (read(fd, &v, sizeof(v)) < 0) {
-        /* EAGAIN: nothing was pending */
-    }
-}
-
 static int stopping(vb_front *f)
 {
     return __atomic_load_n(&f->stop, __ATOMIC_ACQUIRE);
@@ -158,7 +140,7 @@ static int send_all(vb_front *f, const uint8_t *data, size_t len)
 
 /* Length of the complete GET_CONFIG/SET_CONFIG at p that may be answered
  * here, or 0: leave it (and all after it) to the session. */
-static size_t hot_length(vb_front *f, const uint8_t *p, size_t len)
+static size_t hot_length(const uint8_t *p, size_t len)
 {
     uint32_t request, flags, size;
 
@@ -238,10 +220,10 @@ static int answer(vb_front *f, const uint8_t *msg)
             }
         }
         if (wake) {
-            signal_fd(f->writes_fd);
+            vb_eventfd_signal(f->writes_fd);
         }
         if (at_target) {
-            signal_fd(f->target_fd);
+            vb_eventfd_signal(f->target_fd);
         }
         return 1;
     }
@@ -267,7 +249,7 @@ static int hand_over(vb_front *f, uint32_t off, uint32_t len, const int *fds, in
     f->taken = 0;
     pthread_mutex_unlock(&f->mu);
     __atomic_add_fetch(&f->c.handed_over, 1, __ATOMIC_RELAXED);
-    signal_fd(f->chunk_fd);
+    vb_eventfd_signal(f->chunk_fd);
     for (;;) {
         if (poll(p, 2, -1) < 0 && errno != EINTR) {
             return -1;
@@ -276,7 +258,7 @@ static int hand_over(vb_front *f, uint32_t off, uint32_t len, const int *fds, in
             return -1;
         }
         if (p[0].revents & POLLIN) {
-            drain_fd(f->resume_fd);
+            vb_eventfd_drain(f->resume_fd);
             pthread_mutex_lock(&f->mu);
             if (!f->waiting) {
                 pthread_mutex_unlock(&f->mu);
@@ -354,7 +336,7 @@ static void *front_main(void *arg)
         if (fast && !partial && nfds == 0 && !ctrunc) {
             size_t hot;
 
-            while ((hot = hot_length(f, f->buf + off, (size_t)n - off)) > 0) {
+            while ((hot = hot_length(f->buf + off, (size_t)n - off)) > 0) {
                 int rc = answer(f, f->buf + off);
 
                 if (rc < 0) {
@@ -405,7 +387,6 @@ static void front_release(vb_front *f)
 vb_front *vb_front_start(int sock_fd, int chunk_fd, int writes_fd, int target_fd, char *err, size_t errlen)
 {
     vb_front *f = calloc(1, sizeof(*f));
-    int rc;
 
     if (f == NULL) {
         vb_seterr(err, errlen, "out of memory for the front-end reader");
@@ -432,13 +413,10 @@ vb_front *vb_front_start(int sock_fd, int chunk_fd, int writes_fd, int target_fd
         front_release(f);
         return NULL;
     }
-    rc = pthread_create(&f->thread, NULL, front_main, f);
-    if (rc != 0) {
-        vb_seterr(err, errlen, "cannot start the front-end reader thread: %s", strerror(rc));
+    if (vb_thread_start(&f->thread, front_main, f, "vb-front", "the front-end reader", err, errlen) < 0) {
         front_release(f);
         return NULL;
     }
-    pthread_setname_np(f->thread, "vb-front");
     f->started = 1;
     return f;
 }
@@ -447,7 +425,7 @@ int vb_front_take(vb_front *f, vb_front_chunk *out, uint8_t *data, uint32_t cap)
 {
     int have = 0;
 
-    drain_fd(f->chunk_fd);
+    vb_eventfd_drain(f->chunk_fd);
     pthread_mutex_lock(&f->mu);
     if (f->waiting && !f->taken && f->chunk.len <= cap) {
         *out = f->chunk;
@@ -467,7 +445,7 @@ void vb_front_resume(vb_front *f, int fast, int partial)
     f->partial = partial ? 1 : 0;
     f->waiting = 0;
     pthread_mutex_unlock(&f->mu);
-    signal_fd(f->resume_fd);
+    vb_eventfd_signal(f->resume_fd);
 }
 
 void vb_front_set_config(vb_front *f, const uint8_t *config)
@@ -488,8 +466,8 @@ uint32_t vb_front_take_config_writes(vb_front *f, uint32_t *actual, uint32_t *nu
 {
     uint32_t n;
 
-    drain_fd(f->writes_fd);
-    drain_fd(f->target_fd);
+    vb_eventfd_drain(f->writes_fd);
+    vb_eventfd_drain(f->target_fd);
     pthread_mutex_lock(&f->cfg_mu);
     n = f->log_len < cap ? f->log_len : cap;
     memcpy(actual, f->log_actual, n * sizeof(uint32_t));
@@ -516,7 +494,7 @@ void vb_front_free(vb_front *f)
     }
     if (f->started) {
         __atomic_store_n(&f->stop, 1, __ATOMIC_RELEASE);
-        signal_fd(f->stop_fd);
+        vb_eventfd_signal(f->stop_fd);
         pthread_join(f->thread, NULL);
         f->started = 0;
     }

@@ -160,15 +160,6 @@ static uint32_t first_unchanged(const vb_mem *mem, const uint32_t *pfns, uint32_
     return 0;
 }
 
-static void eventfd_signal(int fd)
-{
-    uint64_t one = 1;
-
-    if (fd >= 0 && write(fd, &one, sizeof(one)) < 0) {
-        /* EAGAIN: the counter is saturated, the peer has a wakeup pending */
-    }
-}
-
 /* Frees ranges[0..n) and everything pending if the policy's threshold is
  * reached; adds to *st and *measured.  Lock held. */
 static void free_now(vb_worker *w, uint32_t n, vb_discard_stats *st, uint64_t *measured, int *flushed)
@@ -240,7 +231,7 @@ static int journal_record(vb_worker *w, uint32_t kind, const uint32_t *values, u
         pthread_mutex_lock(&w->counters_mu);
         w->c.journal_waits++;
         pthread_mutex_unlock(&w->counters_mu);
-        eventfd_signal(w->notify_fd);
+        vb_eventfd_signal(w->notify_fd);
         vb_lock_release(w->lock);
         {
             struct timespec ts = {0, 1000000};
@@ -389,7 +380,7 @@ static int serve_available(vb_worker *w)
             notify = 1;
         }
         if (vb_vq_should_signal(w->vq)) {
-            eventfd_signal(w->call_fd);
+            vb_eventfd_signal(w->call_fd);
             __atomic_add_fetch(&w->c.signals, 1, __ATOMIC_RELAXED);
         }
     }
@@ -422,7 +413,7 @@ static void idle_flush(vb_worker *w)
     pthread_mutex_unlock(&w->counters_mu);
     vb_lock_release(w->lock);
     if (st.bytes_failed) {
-        eventfd_signal(w->notify_fd);
+        vb_eventfd_signal(w->notify_fd);
     }
 }
 
@@ -448,7 +439,7 @@ static void *worker_main(void *arg)
 
         /* Buffers may be there before the first kick (a restarted ring). */
         if (serve_available(w)) {
-            eventfd_signal(w->notify_fd);
+            vb_eventfd_signal(w->notify_fd);
         }
         if (kicked && __atomic_load_n(&w->c.buffers, __ATOMIC_RELAXED) == buffers_before) {
             struct timespec ts = {0, SPURIOUS_KICK_PAUSE_NS};
@@ -517,7 +508,6 @@ vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
                            vb_journal *journal, char *err, size_t errlen)
 {
     vb_worker *w = calloc(1, sizeof(*w));
-    int rc;
 
     if (w == NULL) {
         vb_seterr(err, errlen, "out of memory for a queue worker");
@@ -552,13 +542,11 @@ vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
         worker_release(w);
         return NULL;
     }
-    rc = pthread_create(&w->thread, NULL, worker_main, w);
-    if (rc != 0) {
-        vb_seterr(err, errlen, "cannot start a queue worker thread: %s", strerror(rc));
+    if (vb_thread_start(&w->thread, worker_main, w, w->inflate ? "vb-inflate" : "vb-deflate", "a queue worker",
+                        err, errlen) < 0) {
         worker_release(w);
         return NULL;
     }
-    pthread_setname_np(w->thread, w->inflate ? "vb-inflate" : "vb-deflate");
     w->started = 1;
     return w;
 }
@@ -606,7 +594,7 @@ void vb_worker_get_counters(vb_worker *w, vb_worker_counters *out)
 void vb_worker_request_stop(vb_worker *w)
 {
     __atomic_store_n(&w->stop, 1, __ATOMIC_RELEASE);
-    eventfd_signal(w->stop_fd);
+    vb_eventfd_signal(w->stop_fd);
 }
 
 void vb_worker_join(vb_worker *w)

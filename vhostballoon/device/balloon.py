@@ -25,12 +25,17 @@ log = structlog.get_logger("vhostballoon.device")
 LINUX_PFNS_PER_BUFFER = 256
 
 
+def pages_deflated_unasked(old_actual: int, new_actual: int, num_pages: int) -> int:
+    """Pages a write of actual took out of the balloon below both what the
+    guest had and what it was asked (a deflate on its own: deflate-on-OOM)."""
+    return max(0, min(old_actual, num_pages) - new_actual)
+
+
 def plain_actual_step(old_actual: int, new_actual: int, num_pages: int) -> bool:
     """A guest write of actual that changes nothing but actual: not at the
-    target, and not below both what the guest had and what it was asked
-    (that is a deflate on its own, deflate-on-OOM).  The session replays
-    such writes by setting actual alone."""
-    return new_actual != num_pages and new_actual >= min(old_actual, num_pages)
+    target, and no deflate-on-OOM.  The session replays such writes by
+    setting actual alone."""
+    return new_actual != num_pages and not pages_deflated_unasked(old_actual, new_actual, num_pages)
 
 
 class FeatureError(ValueError):
@@ -153,9 +158,7 @@ class BalloonDevice:
             self.config.poison_val = written.poison_val
         write = ConfigWrite(old, self.config.actual, self.config.poison_val)
         target = self.config.num_pages if num_pages is None else num_pages
-        unasked = min(old, target) - write.new_actual
-        if unasked > 0:
-            self.counters.pages_deflated_unasked += unasked
+        self.counters.pages_deflated_unasked += pages_deflated_unasked(old, write.new_actual, target)
         return write
 
     @property

@@ -287,9 +287,21 @@ class FrontendSession:
             except SessionClosed:
                 await self._flush_quietly()
                 return
-            front.set_config(self.device.config.pack())
-            self.memory.set_target_pages(self.device.config.num_pages)
+            self._share_config(whole=True)  # the thread waits: it may take all of it
             front.resume(fast=self.fast_config and self._config_negotiated(), partial=self.conn.has_partial_message)
+
+    def _share_config(self, *, whole: bool) -> None:
+        """Tell the C side the config: num_pages to the reader thread (which
+        answers GET_CONFIG) and to the inflate worker (which frees plain
+        shmem's partial blocks at the target); whole: the rest too, only
+        while the reader thread waits for a resume."""
+        config = self.device.config
+        self.memory.set_target_pages(config.num_pages)
+        if self.front is not None:
+            if whole:
+                self.front.set_config(config.pack())
+            else:
+                self.front.set_num_pages(config.num_pages)
 
     def _config_negotiated(self) -> bool:
         """GET_CONFIG and SET_CONFIG are legal now (as conn's RULES say)."""
@@ -1007,9 +1019,7 @@ class FrontendSession:
 
     def set_target(self, target_bytes: int) -> None:
         if self.device.set_target(target_bytes):
-            self.memory.set_target_pages(self.device.config.num_pages)
-            if self.front is not None:
-                self.front.set_num_pages(self.device.config.num_pages)
+            self._share_config(whole=False)
             log.info("new target for the guest", num_pages=self.device.config.num_pages)
             self._notify_config_change()
 
