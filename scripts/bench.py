@@ -92,8 +92,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 GETCONFIG_INTERVAL = 0.002  # seconds between the prober's GET_CONFIGs
 SETTLE_POLL = 0.01  # seconds between query-balloon polls while waiting for the host to be freed
 SETTLE_TIMEOUT = 30.0
-# Also time the baselines with the file mapped by another process (the back-end's situation).
-FOREIGN_BASELINES = True
 BACKEND_START_TIMEOUT = 15.0
 
 
@@ -566,14 +564,12 @@ async def balloon_run(sc: Scenario, size: int, run: int, workdir: str, profile_t
         for kind in ("per-page", "whole"):
             base = baseline(kind, pfns, size, sc.thp)
             result.update({f"{kind.replace('-', '')}_{k}": v for k, v in base.items()})
-            if FOREIGN_BASELINES:
-                base = baseline(kind, pfns, size, sc.thp, foreign=True)
-                result.update({f"{kind.replace('-', '')}_foreign_{k}": v for k, v in base.items()})
+            base = baseline(kind, pfns, size, sc.thp, foreign=True)  # as the back-end frees: another process maps it
+            result.update({f"{kind.replace('-', '')}_foreign_{k}": v for k, v in base.items()})
         result["perpage_over_backend"] = result["perpage_cpu_ms"] / result["backend_cpu_ms"]
         result["backend_over_whole"] = result["backend_cpu_ms"] / result["whole_cpu_ms"]
-        if FOREIGN_BASELINES:
-            result["perpage_foreign_over_backend"] = result["perpage_foreign_cpu_ms"] / result["backend_cpu_ms"]
-            result["backend_over_whole_foreign"] = result["backend_cpu_ms"] / result["whole_foreign_cpu_ms"]
+        result["perpage_foreign_over_backend"] = result["perpage_foreign_cpu_ms"] / result["backend_cpu_ms"]
+        result["backend_over_whole_foreign"] = result["backend_cpu_ms"] / result["whole_foreign_cpu_ms"]
     return result
 
 
