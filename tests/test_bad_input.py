@@ -36,7 +36,7 @@ from vhostballoon.vhost_user.codec import (
 from vhostballoon.vhost_user.constants import VERSION, Request
 
 GUEST = 64 * MiB  # small guests: these tests are about correctness, not volume
-NUM_QUEUES = 5  # vhostballoon.device.features.MAX_QUEUES
+NUM_QUEUES = 5  # vhostballoon.device.queues.MAX_QUEUES
 
 
 def header(request: int, flags: int, size: int) -> bytes:

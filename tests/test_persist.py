@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from vhostballoon.device.features import QueueRole
+from vhostballoon.device.queues import QueueRole
 from vhostballoon.device.hugepages import FlushPolicy, HugePageTracker, HugePolicy
 from vhostballoon.native import PAGE_SIZE, GuestMemory, MemoryTableError, PfnArray
 from vhostballoon.server.persist import JOURNAL_FILE, SNAPSHOT_FILE, PageStore, SessionPersistence

@@ -8,7 +8,8 @@ import json
 import sys
 
 from . import __version__
-from .device.features import FeatureSpecError, feature_names, parse_feature_spec, queue_roles
+from .device.features import FeatureSpecError, feature_names, parse_feature_spec
+from .device.queues import queue_roles
 from .device.stats import DEFAULT_STATS_INTERVAL
 from .server.state import DEFAULT_SNAPSHOT_INTERVAL
 

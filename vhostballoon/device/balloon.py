@@ -14,7 +14,8 @@ import structlog
 
 from ..native import PAGE_SHIFT, PAGE_SIZE, DescRange, DiscardStats, GuestMemory, WorkerCounters
 from .config import ACTUAL_OFFSET, CONFIG_SIZE, POISON_OFFSET, BalloonConfig, check_access
-from .features import DEFAULT_FEATURES, QueueRole, RingFeature, feature_names, queue_roles
+from .features import DEFAULT_FEATURES, RingFeature, feature_names
+from .queues import QueueRole, queue_roles
 from .reporting import ReportCounters, ReportPlan, Skip, plan_report
 from .stats import MAX_STATS_BYTES, GuestStats
 

@@ -94,37 +94,6 @@ def feature_flag_names(features: int) -> list[str]:
     return [name for name, bit in FEATURE_FLAGS.items() if features & bit]
 
 
-class QueueRole(enum.Enum):
-    INFLATE = "inflate"
-    DEFLATE = "deflate"
-    STATS = "stats"
-    FREE_PAGE_HINT = "free-page-hint"
-    REPORTING = "reporting"
-
-
-# The most queues a balloon can have; QEMU's num_vqs may not exceed it.
-MAX_QUEUES = len(QueueRole)
-
-
-def queue_roles(features: int) -> list[QueueRole]:
-    """Queue index -> role. Linux packs the indices: a queue exists only when
-    its feature is negotiated, and later queues move down (init_vqs)."""
-    roles = [QueueRole.INFLATE, QueueRole.DEFLATE]
-    if features & BalloonFeature.STATS_VQ:
-        roles.append(QueueRole.STATS)
-    if features & BalloonFeature.FREE_PAGE_HINT:
-        roles.append(QueueRole.FREE_PAGE_HINT)
-    if features & BalloonFeature.REPORTING:
-        roles.append(QueueRole.REPORTING)
-    return roles
-
-
-def queues_needed(features: int) -> int:
-    """How many queues a guest uses with these features (QEMU's ``num_vqs``
-    must be at least this)."""
-    return len(queue_roles(features))
-
-
 def feature_names(features: int) -> list[str]:
     """Names of the set bits, unknown bits as ``bit:N``."""
     names = []

@@ -101,7 +101,8 @@ from pathlib import Path
 
 import structlog
 
-from ..device.features import QueueRole
+from ..device.journal_kinds import JournalKind
+from ..device.queues import QueueRole
 from ..device.hugepages import HugePageTracker
 from ..native import PAGE_SHIFT, PAGE_SIZE, GuestMemory, MemoryTableError, PageJournal, PfnArray, RangeList
 from .state import DEFAULT_SNAPSHOT_INTERVAL, atomic_write
@@ -120,11 +121,7 @@ BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 _RECORD = struct.Struct("<IIQ")
 _CRC = struct.Struct("<I")
 _MAGIC = 0x5642_0000  # "VB" in the high half; the kind in the low half
-KIND_INFLATE = 1  # values: PFNs that became ballooned
-KIND_DEFLATE = 2  # values: PFNs that left the balloon
-KIND_COLLECT = 3  # no values: every collectable pending page was taken (and freed)
-KIND_ACTUAL = 4  # one value: the guest's actual (pages)
-KIND_COLLECT_BATCH = 5  # no values: the pending pages of plain shmem regions were taken (and freed)
+# Record kinds: vhostballoon/device/journal_kinds.py (the C runtime reads them from there too).
 
 
 class PersistError(Exception):
@@ -339,7 +336,7 @@ class SessionPersistence:
             records = journal.records(self.epoch)
         finally:
             journal.close()
-        has_balloon = any(r["ballooned"] for r in doc["regions"]) or any(k == KIND_INFLATE for k, _ in records)
+        has_balloon = any(r["ballooned"] for r in doc["regions"]) or any(k == JournalKind.INFLATE for k, _ in records)
         if has_balloon and inflate_base == 0:
             log.warning("page state ignored: the inflate ring starts at 0, so this is a new guest driver "
                         "(reboot) with an empty balloon")
@@ -382,18 +379,18 @@ class SessionPersistence:
         handed_out: list[tuple[int, int]] = list(self._refree_later)
         self._refree_later = []
         for kind, values in records:
-            if kind in (KIND_INFLATE, KIND_DEFLATE):
+            if kind in (JournalKind.INFLATE, JournalKind.DEFLATE):
                 pfns = PfnArray.from_list(memoryview(values).cast("I").tolist())
-                update = self.memory.balloon_update(pfns, inflate=kind == KIND_INFLATE)
-                if kind == KIND_INFLATE:
+                update = self.memory.balloon_update(pfns, inflate=kind == JournalKind.INFLATE)
+                if kind == JournalKind.INFLATE:
                     handed_out.extend(self.huge.inflated(update.changed).tolist())
                 else:
                     self.huge.deflated(update.changed)
-            elif kind == KIND_COLLECT:
+            elif kind == JournalKind.COLLECT:
                 self.huge.collect()  # freed then; not again
-            elif kind == KIND_COLLECT_BATCH:
+            elif kind == JournalKind.COLLECT_BATCH:
                 self.huge.collect_batch()
-            elif kind == KIND_ACTUAL and len(values) == 4:
+            elif kind == JournalKind.ACTUAL and len(values) == 4:
                 restored.actual = struct.unpack("<I", values)[0]
         return RangeList.from_list(self._still_ballooned(handed_out))
 
@@ -438,20 +435,20 @@ class SessionPersistence:
         if self.journal is None:
             return
         if changed.n:
-            kind = KIND_INFLATE if role is QueueRole.INFLATE else KIND_DEFLATE
+            kind = JournalKind.INFLATE if role is QueueRole.INFLATE else JournalKind.DEFLATE
             self._append(kind, changed.view())
         if collected:
-            self._append(KIND_COLLECT, b"")
+            self._append(JournalKind.COLLECT, b"")
 
     def record_collect(self) -> None:
         """Pending pages were taken and freed (a flush)."""
         if self.journal is not None:
-            self._append(KIND_COLLECT, b"")
+            self._append(JournalKind.COLLECT, b"")
 
     def record_collect_batch(self) -> None:
         """The pending pages of plain shmem regions were taken and freed."""
         if self.journal is not None:
-            self._append(KIND_COLLECT_BATCH, b"")
+            self._append(JournalKind.COLLECT_BATCH, b"")
 
     def record_actual(self, actual: int) -> None:
         if self.journal is not None and actual != self.actual:
@@ -459,7 +456,7 @@ class SessionPersistence:
             # Never a snapshot from here: this runs outside the memory lock,
             # maybe in the middle of a batch.  A full journal leaves it to
             # the next snapshot (dirty).
-            self._append(KIND_ACTUAL, struct.pack("<I", actual), may_snapshot=False)
+            self._append(JournalKind.ACTUAL, struct.pack("<I", actual), may_snapshot=False)
 
     def _append(self, kind: int, values, *, may_snapshot: bool = True) -> None:
         self.dirty = True

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import trio
 
-from ..device.features import DEFAULT_FEATURES, feature_flag_names, feature_names, queue_roles
+from ..device.features import DEFAULT_FEATURES, feature_flag_names, feature_names
+from ..device.queues import queue_roles
 from ..device.hugepages import FlushPolicy, HugePolicy, describe_discards
 from ..device.stats import DEFAULT_STATS_INTERVAL, GuestStats
 from .state import StateStore

@@ -44,7 +44,7 @@ import trio
 
 from ..device.balloon import BalloonDevice, FeatureError, plain_actual_step
 from ..device.config import ACTUAL_OFFSET, CONFIG_SIZE, ConfigAccessError
-from ..device.features import MAX_QUEUES, QueueRole
+from ..device.queues import MAX_QUEUES, QueueRole
 from ..device.hugepages import FlushPolicy, HugePageTracker, HugePolicy
 from ..device.reporting import ReportPlan
 from ..native import (

@@ -50,7 +50,8 @@ from typing import Protocol
 
 import trio
 
-from ..device.features import BalloonFeature, QueueRole, RingFeature, queue_roles
+from ..device.features import BalloonFeature, RingFeature
+from ..device.queues import QueueRole, queue_roles
 from .guest_ram import PAGE_SHIFT, PAGE_SIZE, GuestRAM
 from .virtqueue import DriverVirtqueue
 
