@@ -18,8 +18,8 @@ from vhostballoon.device.features import (
     BalloonFeature,
     FeatureSpecError,
     parse_feature_spec,
-    queues_needed,
 )
+from vhostballoon.device.queues import queues_needed
 from vhostballoon.device.reporting import Invalid, Skip, _overlapping, plan_report
 from vhostballoon.device.stats import STAT_NAMES, decode_stats, stat_name
 from vhostballoon.native import DescRange, GuestMemory, PfnArray
