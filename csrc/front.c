@@ -24,17 +24,15 @@
  * the session writes the socket while the thread waits; only the thread
  * writes it otherwise.
  *
- * The config: the session owns num_pages (vb_front_set_num_pages, any time)
- * and sets the whole config while the thread waits (vb_front_set_config).
- * SET_CONFIG here takes actual (as the session would: num_pages and
- * free_page_hint_cmd_id of a driver write are ignored); a write that would
- * change poison_val goes to the session, which logs it.  Each change of
- * actual is logged with the num_pages of that moment for the session to
- * replay (events, deflate-on-OOM accounting, "guest at target");
- * writes_fd is written when the log stops being empty (the session drains
- * it at its own pace), target_fd when actual reaches num_pages (at once: the
- * session frees pending pages then).  A full log sends the write to the
- * session instead.
+ * The config lives in its mailbox (config.c, vb_config.h), which the thread
+ * answers GET_CONFIG from and applies SET_CONFIG to with the one write rule
+ * (only actual and poison_val are taken).  A write that would change
+ * poison_val goes to the session, which logs it; a full write log too.  The
+ * mailbox logs each change of actual for the session to replay (events,
+ * deflate-on-OOM accounting, "guest at target"); writes_fd is written when
+ * the log stops being empty (the session drains it at its own pace),
+ * target_fd when a write brings the balloon to the target (at once: the
+ * session frees pending pages then).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -47,21 +45,17 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "vb_config.h"
+#include "vb_gen.h"
 #include "vb_internal.h"
 
 #define FRONT_BUF 65536
-#define FRONT_MAX_FDS 8
-#define HDR 12
-#define CFG_HDR 12
-#define REQ_GET_CONFIG 24
-#define REQ_SET_CONFIG 25
-#define F_VERSION 0x1u
-#define F_REPLY 0x4u
-#define F_NEED_REPLY 0x8u
-#define CFG_SIZE 16
-#define OFF_ACTUAL 4
-#define OFF_POISON 12
-#define WRITE_LOG 4096
+/* The vhost-user numbers come from vhostballoon/vhost_user/constants.py and
+ * the config layout from vhostballoon/device/config.py (vb_gen.h). */
+#define FRONT_MAX_FDS VB_VU_MAX_FDS
+#define HDR VB_VU_HEADER_SIZE
+#define CFG_HDR VB_VU_CONFIG_HEADER_SIZE
+#define CFG_SIZE VB_CONFIG_SIZE
 
 struct vb_front {
     int sock, chunk_fd, writes_fd, target_fd, stop_fd, resume_fd;  /* our own duplicates / eventfds */
@@ -79,11 +73,7 @@ struct vb_front {
     int fast;             /* the session allows answering config messages here */
     int partial;          /* the session's decoder holds part of a message */
 
-    /* Config and its write log (under cfg_mu). */
-    pthread_mutex_t cfg_mu;
-    uint8_t config[CFG_SIZE];
-    uint32_t log_actual[WRITE_LOG], log_num_pages[WRITE_LOG];
-    uint32_t log_len;
+    vb_config *config;    /* the session's; outlives the thread */
 
     vb_front_counters c;  /* fields updated atomically */
 };
@@ -150,10 +140,10 @@ static size_t hot_length(const uint8_t *p, size_t len)
     request = le32(p);
     flags = le32(p + 4);
     size = le32(p + 8);
-    if (request != REQ_GET_CONFIG && request != REQ_SET_CONFIG) {
+    if (request != VB_VU_GET_CONFIG && request != VB_VU_SET_CONFIG) {
         return 0;
     }
-    if ((flags != F_VERSION && flags != (F_VERSION | F_NEED_REPLY)) || size != CFG_HDR + CFG_SIZE ||
+    if ((flags != VB_VU_VERSION && flags != (VB_VU_VERSION | VB_VU_NEED_REPLY)) || size != CFG_HDR + CFG_SIZE ||
         len < HDR + (size_t)size) {
         return 0;
     }
@@ -169,60 +159,43 @@ static int answer(vb_front *f, const uint8_t *msg)
     uint8_t reply[HDR + CFG_HDR + CFG_SIZE];
     uint32_t request = le32(msg), flags = le32(msg + 4);
 
-    if (request == REQ_GET_CONFIG) {
-        put32(reply, REQ_GET_CONFIG);
-        put32(reply + 4, F_VERSION | F_REPLY);
+    if (request == VB_VU_GET_CONFIG) {
+        put32(reply, VB_VU_GET_CONFIG);
+        put32(reply + 4, VB_VU_VERSION | VB_VU_REPLY);
         put32(reply + 8, CFG_HDR + CFG_SIZE);
         put32(reply + HDR, 0);
         put32(reply + HDR + 4, CFG_SIZE);
         put32(reply + HDR + 8, 0);
-        pthread_mutex_lock(&f->cfg_mu);
-        memcpy(reply + HDR + CFG_HDR, f->config, CFG_SIZE);
-        pthread_mutex_unlock(&f->cfg_mu);
+        vb_config_pack(f->config, reply + HDR + CFG_HDR);
         if (send_all(f, reply, sizeof(reply)) < 0) {
             return -1;
         }
         __atomic_add_fetch(&f->c.config_reads, 1, __ATOMIC_RELAXED);
         return 1;
     } else {
-        const uint8_t *data = msg + HDR + CFG_HDR;
-        uint32_t actual = le32(data + OFF_ACTUAL), num_pages;
-        int wake = 0, at_target = 0;
+        int rc = vb_config_guest_write(f->config, 0, msg + HDR + CFG_HDR, CFG_SIZE, 1, NULL, 0);
 
-        pthread_mutex_lock(&f->cfg_mu);
-        if (le32(data + OFF_POISON) != le32(f->config + OFF_POISON)) {
-            pthread_mutex_unlock(&f->cfg_mu);
-            return 0;  /* the session logs a poison change */
-        }
-        if (actual != le32(f->config + OFF_ACTUAL)) {
-            if (f->log_len == WRITE_LOG) {
-                pthread_mutex_unlock(&f->cfg_mu);
+        if (rc < 0 || (rc & VB_CONFIG_REFUSED)) {
+            /* A poison change (the session logs it) or a full write log. */
+            if (rc > 0) {
                 __atomic_add_fetch(&f->c.log_full, 1, __ATOMIC_RELAXED);
-                return 0;
             }
-            num_pages = le32(f->config);
-            wake = f->log_len == 0;
-            at_target = actual == num_pages;
-            f->log_actual[f->log_len] = actual;
-            f->log_num_pages[f->log_len] = num_pages;
-            f->log_len++;
-            put32(f->config + OFF_ACTUAL, actual);
+            return 0;
         }
-        pthread_mutex_unlock(&f->cfg_mu);
         __atomic_add_fetch(&f->c.config_writes, 1, __ATOMIC_RELAXED);
-        if (flags & F_NEED_REPLY) {
-            put32(reply, REQ_SET_CONFIG);
-            put32(reply + 4, F_VERSION | F_REPLY);
+        if (flags & VB_VU_NEED_REPLY) {
+            put32(reply, VB_VU_SET_CONFIG);
+            put32(reply + 4, VB_VU_VERSION | VB_VU_REPLY);
             put32(reply + 8, 8);
             memset(reply + HDR, 0, 8);
             if (send_all(f, reply, HDR + 8) < 0) {
                 return -1;
             }
         }
-        if (wake) {
+        if (rc & VB_CONFIG_FIRST_WRITE) {
             vb_eventfd_signal(f->writes_fd);
         }
-        if (at_target) {
+        if (rc & VB_CONFIG_AT_TARGET) {
             vb_eventfd_signal(f->target_fd);
         }
         return 1;
@@ -379,12 +352,12 @@ static void front_release(vb_front *f)
         }
     }
     pthread_mutex_destroy(&f->mu);
-    pthread_mutex_destroy(&f->cfg_mu);
     free(f->buf);
     free(f);
 }
 
-vb_front *vb_front_start(int sock_fd, int chunk_fd, int writes_fd, int target_fd, char *err, size_t errlen)
+vb_front *vb_front_start(int sock_fd, int chunk_fd, int writes_fd, int target_fd, vb_config *config,
+                         char *err, size_t errlen)
 {
     vb_front *f = calloc(1, sizeof(*f));
 
@@ -393,7 +366,7 @@ vb_front *vb_front_start(int sock_fd, int chunk_fd, int writes_fd, int target_fd
         return NULL;
     }
     pthread_mutex_init(&f->mu, NULL);
-    pthread_mutex_init(&f->cfg_mu, NULL);
+    f->config = config;
     f->sock = fcntl(sock_fd, F_DUPFD_CLOEXEC, 0);
     f->chunk_fd = fcntl(chunk_fd, F_DUPFD_CLOEXEC, 0);
     f->writes_fd = fcntl(writes_fd, F_DUPFD_CLOEXEC, 0);
@@ -448,35 +421,10 @@ void vb_front_resume(vb_front *f, int fast, int partial)
     vb_eventfd_signal(f->resume_fd);
 }
 
-void vb_front_set_config(vb_front *f, const uint8_t *config)
+void vb_front_drain_config_signals(vb_front *f)
 {
-    pthread_mutex_lock(&f->cfg_mu);
-    memcpy(f->config, config, CFG_SIZE);
-    pthread_mutex_unlock(&f->cfg_mu);
-}
-
-void vb_front_set_num_pages(vb_front *f, uint32_t num_pages)
-{
-    pthread_mutex_lock(&f->cfg_mu);
-    put32(f->config, num_pages);
-    pthread_mutex_unlock(&f->cfg_mu);
-}
-
-uint32_t vb_front_take_config_writes(vb_front *f, uint32_t *actual, uint32_t *num_pages, uint32_t cap)
-{
-    uint32_t n;
-
     vb_eventfd_drain(f->writes_fd);
     vb_eventfd_drain(f->target_fd);
-    pthread_mutex_lock(&f->cfg_mu);
-    n = f->log_len < cap ? f->log_len : cap;
-    memcpy(actual, f->log_actual, n * sizeof(uint32_t));
-    memcpy(num_pages, f->log_num_pages, n * sizeof(uint32_t));
-    memmove(f->log_actual, f->log_actual + n, (f->log_len - n) * sizeof(uint32_t));
-    memmove(f->log_num_pages, f->log_num_pages + n, (f->log_len - n) * sizeof(uint32_t));
-    f->log_len -= n;
-    pthread_mutex_unlock(&f->cfg_mu);
-    return n;
 }
 
 void vb_front_get_counters(vb_front *f, vb_front_counters *out)

@@ -113,6 +113,7 @@ struct vb_worker {
     int pending_notice;     /* atomic: notify when pending pages appear (once; the session re-asks) */
     uint64_t batch_pending; /* inflate: pending pages of batch-tracked regions after the last pass */
     vb_journal *journal;
+    vb_config *config;      /* the session's (NULL: none): its num_pages is the target */
     pthread_t thread;
     int started;
     pthread_mutex_t counters_mu;
@@ -256,12 +257,20 @@ static int journal_batch(vb_worker *w, uint32_t n_changed, int flushed)
     return half;
 }
 
-/* The balloon holds at least the session's target (lock held). */
-static int at_target(vb_worker *w)
+/* Plain shmem pages are pending and the guest will be at its target once
+ * it has these buffers back: its actual then grows by the pages it sent
+ * (Linux counts every PFN it sends), and vb_at_target says whether that is
+ * the target.  So the last buffer goes back only after the partial blocks
+ * are freed ("at target" means "freed").  Lock held. */
+static int at_target(vb_worker *w, uint32_t n_pfns)
 {
-    uint64_t target = __atomic_load_n(&w->mem->target_pages, __ATOMIC_RELAXED);
+    vb_config_values v;
 
-    return target != 0 && vb_track_pending_batch(w->mem) != 0 && vb_mem_ballooned_pages(w->mem) >= target;
+    if (w->config == NULL || vb_track_pending_batch(w->mem) == 0) {
+        return 0;
+    }
+    vb_config_get(w->config, &v);
+    return vb_at_target(v.num_pages, (uint64_t)v.actual + n_pfns);
 }
 
 /* Frees every pending page of plain shmem regions (lock held); 1 if any. */
@@ -327,7 +336,7 @@ static int serve_available(vb_worker *w)
             /* The balloon reached the session's target: the partial blocks
              * of plain shmem go too, before the guest sees its last buffer
              * back (then "at target" means "freed", as without batching). */
-            batch_flushed = at_target(w) && flush_batch(w, &st, &measured, &flushed);
+            batch_flushed = at_target(w, n_pfns) && flush_batch(w, &st, &measured, &flushed);
             if (pending_before == 0 && vb_track_pending(w->mem, 1, NULL) > 0 &&
                 __atomic_exchange_n(&w->pending_notice, 0, __ATOMIC_ACQ_REL)) {
                 notify = 1;   /* the session arms the flush deadline */
@@ -505,7 +514,7 @@ static int dup_or_none(int fd)
 
 vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
                            int kick_fd, int call_fd, int notify_fd, uint64_t flush_pages,
-                           vb_journal *journal, char *err, size_t errlen)
+                           vb_journal *journal, vb_config *config, char *err, size_t errlen)
 {
     vb_worker *w = calloc(1, sizeof(*w));
 
@@ -520,6 +529,7 @@ vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
     w->flush_pages = flush_pages;
     w->pending_notice = 1;
     w->journal = journal;
+    w->config = config;
     w->c.discard.failed_region = -1;
     pthread_mutex_init(&w->counters_mu, NULL);
     w->kick_fd = dup_or_none(kick_fd);

@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <stddef.h>
 
+#include "vb_config.h"
+
 /* CDEF-BEGIN */
 
 /* A region of guest RAM shared by the front-end (vhost-user memory region). */
@@ -53,11 +55,6 @@ typedef struct vb_region {
 typedef struct vb_mem {
     uint32_t nregions;
     vb_region regions[32];
-    /* The session's num_pages (0: none): once the balloon holds this many
-     * pages, the inflate worker frees the pending pages of batch-tracked
-     * regions (plain shmem, vb_track_collect_batch) before it returns the
-     * buffer that got there. */
-    uint64_t target_pages;
 } vb_mem;
 
 /* Split virtqueue state (virtio 1.x, 2.7).  Pointers are into guest RAM. */
@@ -361,12 +358,15 @@ void vb_lock_release(vb_lock *l);
 /* Starts a worker on a set-up queue.  It works on duplicates of kick_fd,
  * call_fd (-1: none) and notify_fd (-1: none), which it writes when the
  * session should look: invalid or repeated PFNs, a discard failure, a
- * broken ring, pending pages appearing, a flush.  flush_pages: on inflate,
+ * broken ring, pending pages appearing, a flush.  config (NULL: none; it
+ * must outlive the worker): the balloon's config, whose num_pages is the
+ * target at which an inflate worker frees plain shmem's partial blocks
+ * before it returns the buffer that got there.  flush_pages: on inflate,
  * collect and free every collectable pending page once that many are
  * pending (0: never; the session handles deadlines).  NULL on failure (err). */
 vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
                            int kick_fd, int call_fd, int notify_fd, uint64_t flush_pages,
-                           vb_journal *journal, char *err, size_t errlen);
+                           vb_journal *journal, vb_config *config, char *err, size_t errlen);
 /* journal (NULL: none), here or later: from now on every batch's flipped PFNs (and a flush that came with it)
  * go to journal before the batch's buffers go back (NULL: none).  Hold
  * the lock.  A full journal makes the worker wait, lock released, for the
@@ -409,23 +409,21 @@ typedef struct vb_front_counters {
     uint64_t log_full;        /* SET_CONFIGs handed over because the write log was full */
 } vb_front_counters;
 
-/* Starts the thread on a duplicate of sock_fd; it writes chunk_fd when a
- * chunk waits (vb_front_take), writes_fd when config writes start to wait
- * (vb_front_take_config_writes) and target_fd when a write reached
- * num_pages.  It answers nothing until the first
+/* Starts the thread on a duplicate of sock_fd; it answers config messages
+ * from config (vb_config.h; the caller's, it must outlive the thread) and
+ * writes chunk_fd when a chunk waits (vb_front_take), writes_fd when the
+ * config's write log stops being empty and target_fd when a write brought
+ * the balloon to the target.  It answers nothing until the first
  * vb_front_resume(fast=1).  NULL on failure (err). */
-vb_front *vb_front_start(int sock_fd, int chunk_fd, int writes_fd, int target_fd, char *err, size_t errlen);
+vb_front *vb_front_start(int sock_fd, int chunk_fd, int writes_fd, int target_fd, vb_config *config,
+                         char *err, size_t errlen);
 /* 1: the waiting chunk was copied to out/data (cap bytes at most); 0: none waits. */
 int vb_front_take(vb_front *f, vb_front_chunk *out, uint8_t *data, uint32_t cap);
 /* The session handled the chunk it took; fast: the thread may answer config
  * messages; partial: the session's decoder holds part of a message. */
 void vb_front_resume(vb_front *f, int fast, int partial);
-/* The whole 16-byte config: only while the thread waits for a resume. */
-void vb_front_set_config(vb_front *f, const uint8_t *config);
-void vb_front_set_num_pages(vb_front *f, uint32_t num_pages);
-/* Moves up to cap logged changes of actual (with num_pages at that moment)
- * out of the log, oldest first; returns how many. */
-uint32_t vb_front_take_config_writes(vb_front *f, uint32_t *actual, uint32_t *num_pages, uint32_t cap);
+/* Before the session drains the config's write log: reset writes_fd and target_fd. */
+void vb_front_drain_config_signals(vb_front *f);
 void vb_front_get_counters(vb_front *f, vb_front_counters *out);
 void vb_front_free(vb_front *f);   /* stops and joins the thread, closes its fds */
 

@@ -518,11 +518,6 @@ class GuestMemory:
         out.n = lib.vb_track_collect_batch(mem, out.cdata, out.capacity)
         return out
 
-    def set_target_pages(self, pages: int) -> None:
-        """The session's num_pages: the inflate worker frees the pending
-        pages of plain shmem regions once the balloon holds this many."""
-        self._table().target_pages = pages
-
     def pending(self, collectable_only: bool = False) -> tuple[int, int | None]:
         """(bytes pending, CLOCK_MONOTONIC ns since when, or None), over every
         region or only those collect_pending takes from."""
@@ -849,7 +844,7 @@ class QueueWorker:
 
     def __init__(self, mem: GuestMemory, lock: NativeLock, vq: Virtqueue, *, inflate: bool,
                  kick_fd: int, call_fd: int | None, notify_fd: int | None, flush_pages: int,
-                 journal: PageJournal | None = None) -> None:
+                 journal: PageJournal | None = None, config: ConfigMailbox | None = None) -> None:
         vq._check_mapped()
         if mem is not vq._mem:
             raise vq._fail("worker started with a different memory table than setup")
@@ -857,12 +852,13 @@ class QueueWorker:
         worker = lib.vb_worker_start(
             mem._table(), lock._lock, vq._vq, 1 if inflate else 0, kick_fd,
             -1 if call_fd is None else call_fd, -1 if notify_fd is None else notify_fd,
-            flush_pages, ffi.NULL if journal is None else journal._journal, err, _ERRLEN,
+            flush_pages, ffi.NULL if journal is None else journal._journal,
+            ffi.NULL if config is None else config._config, err, _ERRLEN,
         )
         if worker == ffi.NULL:
             raise vq._fail(_errtext(err))
         self._worker = worker
-        self._keep = (mem, lock, vq)
+        self._keep = (mem, lock, vq, config)
         self._journal = journal  # kept alive while the worker may append
         self._counters = ffi.new("vb_worker_counters *")
         self.inflate = inflate
@@ -916,7 +912,6 @@ class QueueWorker:
 # ---- the front-end's socket (csrc/front.c) -------------------------------------------
 
 _FRONT_CHUNK_MAX = 65536
-_CONFIG_WRITES_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -945,26 +940,27 @@ class FrontReader:
     GET_CONFIG and SET_CONFIG of the shape QEMU sends once allowed
     (resume(fast=True)), and hands every other chunk to the session:
     ``chunk_fd`` becomes readable, take() returns it, resume() lets the
-    thread read on.  ``writes_fd`` becomes readable when changes of
-    ``actual`` start to wait in take_config_writes(), ``target_fd`` when
-    one of them reached num_pages.  The socket fd is duplicated:
-    the caller keeps its own."""
+    thread read on.  It answers from, and writes to, the session's
+    ConfigMailbox; ``writes_fd`` becomes readable when changes of ``actual``
+    start to wait in the mailbox's log, ``target_fd`` when one of them
+    brought the balloon to the target.  The socket fd is duplicated: the
+    caller keeps its own."""
 
-    def __init__(self, sock_fd: int) -> None:
+    def __init__(self, sock_fd: int, config: ConfigMailbox) -> None:
         self.chunk_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.writes_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.target_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         err = _errbuf()
-        front = lib.vb_front_start(sock_fd, self.chunk_fd, self.writes_fd, self.target_fd, err, _ERRLEN)
+        front = lib.vb_front_start(sock_fd, self.chunk_fd, self.writes_fd, self.target_fd, config._config,
+                                   err, _ERRLEN)
         if front == ffi.NULL:
             for fd in (self.chunk_fd, self.writes_fd, self.target_fd):
                 os.close(fd)
             raise OSError(_errtext(err))
         self._front = front
+        self._config = config  # outlives the thread
         self._chunk = ffi.new("vb_front_chunk *")
         self._data = ffi.new("uint8_t[]", _FRONT_CHUNK_MAX)
-        self._actual = ffi.new("uint32_t[]", _CONFIG_WRITES_BATCH)
-        self._num_pages = ffi.new("uint32_t[]", _CONFIG_WRITES_BATCH)
         self._counters = ffi.new("vb_front_counters *")
 
     def take(self) -> FrontChunk | None:
@@ -979,23 +975,9 @@ class FrontReader:
     def resume(self, *, fast: bool, partial: bool) -> None:
         lib.vb_front_resume(self._front, 1 if fast else 0, 1 if partial else 0)
 
-    def set_config(self, config: bytes) -> None:
-        """The whole config; only between take() and resume()."""
-        if len(config) != 16:
-            raise ValueError(f"config is {len(config)} bytes, expected 16")
-        lib.vb_front_set_config(self._front, config)
-
-    def set_num_pages(self, num_pages: int) -> None:
-        lib.vb_front_set_num_pages(self._front, num_pages)
-
-    def take_config_writes(self) -> list[tuple[int, int]]:
-        """Changes of actual the thread took, oldest first: (actual, num_pages then)."""
-        out: list[tuple[int, int]] = []
-        while True:
-            n = lib.vb_front_take_config_writes(self._front, self._actual, self._num_pages, _CONFIG_WRITES_BATCH)
-            out.extend(zip(self._actual[0:n], self._num_pages[0:n]))
-            if n < _CONFIG_WRITES_BATCH:
-                return out
+    def drain_signals(self) -> None:
+        """Reset writes_fd and target_fd (before draining the mailbox's log)."""
+        lib.vb_front_drain_config_signals(self._front)
 
     def counters(self) -> FrontCounters:
         c = self._counters
@@ -1010,6 +992,95 @@ class FrontReader:
             self._front = None
             for fd in (self.chunk_fd, self.writes_fd, self.target_fd):
                 os.close(fd)
+
+
+# ---- the config space (csrc/config.c) ---------------------------------------------------
+
+
+class ConfigAccessError(NativeError, ValueError):
+    """A config read or write outside the space (the values are in the message)."""
+
+
+@dataclass(frozen=True)
+class ConfigValues:
+    num_pages: int
+    actual: int
+    free_page_hint_cmd_id: int
+    poison_val: int
+
+
+@dataclass(frozen=True)
+class ConfigWrite:
+    """One logged change of actual, with num_pages of that moment."""
+
+    old_actual: int
+    new_actual: int
+    num_pages: int
+
+
+_CONFIG_LOG_BATCH = 4096
+
+
+def at_target(num_pages: int, pages: int) -> bool:
+    """The balloon is at the guest's target (csrc/config.c: the one definition)."""
+    return bool(lib.vb_at_target(num_pages, pages))
+
+
+class ConfigMailbox:
+    """The balloon's config space, the one owner of its values (C, shared with
+    the front-end reader thread and the inflate thread).  ``read()`` is the
+    one way to read them; ``guest_write()`` applies the one rule for a
+    guest's write and logs each change of actual for ``take_writes()``."""
+
+    ACTUAL_CHANGED = lib.VB_CONFIG_ACTUAL_CHANGED
+    AT_TARGET = lib.VB_CONFIG_AT_TARGET
+    POISON_CHANGED = lib.VB_CONFIG_POISON_CHANGED
+    REFUSED = lib.VB_CONFIG_REFUSED
+
+    def __init__(self) -> None:
+        config = lib.vb_config_new()
+        if config == ffi.NULL:
+            raise MemoryError("cannot allocate the config mailbox")
+        self._config = ffi.gc(config, lib.vb_config_free)
+        self._values = ffi.new("vb_config_values *")
+        self._log = ffi.new("vb_config_write[]", _CONFIG_LOG_BATCH)
+        self._packed = ffi.new("uint8_t[]", 64)
+
+    def read(self) -> ConfigValues:
+        v = self._values
+        lib.vb_config_get(self._config, v)
+        return ConfigValues(v.num_pages, v.actual, v.free_page_hint_cmd_id, v.poison_val)
+
+    def pack(self) -> bytes:
+        lib.vb_config_pack(self._config, self._packed)
+        return bytes(ffi.buffer(self._packed, lib.VB_CONFIG_SIZE))
+
+    def set_num_pages(self, num_pages: int) -> None:
+        lib.vb_config_set_num_pages(self._config, num_pages)
+
+    def set_actual(self, actual: int) -> None:
+        lib.vb_config_set_actual(self._config, actual)
+
+    def set_poison(self, poison_val: int) -> None:
+        lib.vb_config_set_poison(self._config, poison_val)
+
+    def guest_write(self, offset: int, data: bytes, *, keep_poison: bool = False) -> int:
+        """The guest wrote data at offset: the ConfigMailbox bits of what changed."""
+        err = _errbuf()
+        rc = lib.vb_config_guest_write(self._config, offset, data, len(data), 1 if keep_poison else 0, err, _ERRLEN)
+        if rc < 0:
+            raise ConfigAccessError(_errtext(err))
+        return rc
+
+    def take_writes(self) -> list[ConfigWrite]:
+        """Logged changes of actual, oldest first."""
+        out: list[ConfigWrite] = []
+        log = self._log
+        while True:
+            n = lib.vb_config_take_writes(self._config, log, _CONFIG_LOG_BATCH)
+            out.extend(ConfigWrite(log[i].old_actual, log[i].new_actual, log[i].num_pages) for i in range(n))
+            if n < _CONFIG_LOG_BATCH:
+                return out
 
 
 # ---- fault injection (scripts/faults/ only) -----------------------------------------

@@ -12,8 +12,18 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from ..native import PAGE_SHIFT, PAGE_SIZE, DescRange, DiscardStats, GuestMemory, WorkerCounters
-from .config import ACTUAL_OFFSET, CONFIG_SIZE, POISON_OFFSET, BalloonConfig, check_access
+from ..native import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    ConfigMailbox,
+    ConfigWrite,
+    DescRange,
+    DiscardStats,
+    GuestMemory,
+    WorkerCounters,
+    at_target,
+)
+from .config import CONFIG_SIZE, check_access
 from .features import DEFAULT_FEATURES, RingFeature, feature_names
 from .queues import QueueRole, queue_roles
 from .reporting import ReportCounters, ReportPlan, Skip, plan_report
@@ -36,7 +46,7 @@ def plain_actual_step(old_actual: int, new_actual: int, num_pages: int) -> bool:
     """A guest write of actual that changes nothing but actual: not at the
     target, and no deflate-on-OOM.  The session replays such writes by
     setting actual alone."""
-    return new_actual != num_pages and not pages_deflated_unasked(old_actual, new_actual, num_pages)
+    return not at_target(num_pages, new_actual) and not pages_deflated_unasked(old_actual, new_actual, num_pages)
 
 
 class FeatureError(ValueError):
@@ -44,14 +54,48 @@ class FeatureError(ValueError):
 
 
 @dataclass(frozen=True)
-class ConfigWrite:
-    old_actual: int
+class GuestWrite:
+    """What one guest write of the config did."""
+
     new_actual: int
     poison_val: int
+    poison_changed: bool
+    changes: list[ConfigWrite]  # the changes of actual it logged (with any still in the log before it)
+
+
+class ConfigView:
+    """The config's fields by name, read from and written to the mailbox
+    (the one owner: nothing is kept here)."""
+
+    def __init__(self, mailbox: ConfigMailbox) -> None:
+        object.__setattr__(self, "_mailbox", mailbox)
 
     @property
-    def actual_changed(self) -> bool:
-        return self.old_actual != self.new_actual
+    def num_pages(self) -> int:
+        return self._mailbox.read().num_pages
+
+    @num_pages.setter
+    def num_pages(self, value: int) -> None:
+        self._mailbox.set_num_pages(value)
+
+    @property
+    def actual(self) -> int:
+        return self._mailbox.read().actual
+
+    @actual.setter
+    def actual(self, value: int) -> None:
+        self._mailbox.set_actual(value)
+
+    @property
+    def poison_val(self) -> int:
+        return self._mailbox.read().poison_val
+
+    @poison_val.setter
+    def poison_val(self, value: int) -> None:
+        self._mailbox.set_poison(value)
+
+    def pack(self) -> bytes:
+        return self._mailbox.pack()
 
 
 @dataclass
@@ -84,7 +128,8 @@ class BalloonDevice:
         self.memory = memory
         self.offered_features = offered_features
         self.acked_features = 0
-        self.config = BalloonConfig()
+        self.mailbox = ConfigMailbox()  # the config's one owner (csrc/config.c)
+        self.config = ConfigView(self.mailbox)
         self.target_bytes = target_bytes
         self.counters = Counters()
         self.stats = GuestStats()
@@ -135,32 +180,42 @@ class BalloonDevice:
             num_pages = 0
         else:
             num_pages = (ram - min(self.target_bytes, ram)) >> PAGE_SHIFT
-        changed = num_pages != self.config.num_pages
-        self.config.num_pages = num_pages
+        changed = num_pages != self.mailbox.read().num_pages
+        self.mailbox.set_num_pages(num_pages)
         return changed
 
     def read_config(self, offset: int, size: int) -> bytes:
         check_access(offset, size)
-        return self.config.pack()[offset : offset + size]
+        return self.mailbox.pack()[offset : offset + size]
 
-    def write_config(self, offset: int, data: bytes, *, num_pages: int | None = None) -> ConfigWrite:
-        """A driver write. Only ``actual`` and ``poison_val`` are taken: QEMU
-        forwards the whole struct and its num_pages may be stale.  num_pages:
-        the target when the guest wrote it, if that was earlier (a replayed
-        write), for the deflate-on-OOM accounting."""
+    def at_target(self) -> bool:
+        """The guest says its balloon is at the target (native.at_target)."""
+        values = self.mailbox.read()
+        return at_target(values.num_pages, values.actual)
+
+    def write_config(self, offset: int, data: bytes) -> GuestWrite:
+        """A driver write through the protocol connection: the mailbox applies
+        the rule (only ``actual`` and ``poison_val`` are taken: QEMU forwards
+        the whole struct and its num_pages may be stale) and logs the change
+        of actual, which is taken and counted here."""
         check_access(offset, len(data))
-        raw = bytearray(self.config.pack())
-        raw[offset : offset + len(data)] = data
-        written = BalloonConfig.unpack(bytes(raw))
-        old = self.config.actual
-        if offset < ACTUAL_OFFSET + 4 and offset + len(data) > ACTUAL_OFFSET:
-            self.config.actual = written.actual
-        if offset < POISON_OFFSET + 4 and offset + len(data) > POISON_OFFSET:
-            self.config.poison_val = written.poison_val
-        write = ConfigWrite(old, self.config.actual, self.config.poison_val)
-        target = self.config.num_pages if num_pages is None else num_pages
-        self.counters.pages_deflated_unasked += pages_deflated_unasked(old, write.new_actual, target)
-        return write
+        bits = self.mailbox.guest_write(offset, data)
+        values = self.mailbox.read()
+        return GuestWrite(values.actual, values.poison_val, bool(bits & ConfigMailbox.POISON_CHANGED),
+                          self.take_config_writes())
+
+    @staticmethod
+    def pages_deflated_unasked_by(write: ConfigWrite) -> int:
+        return pages_deflated_unasked(write.old_actual, write.new_actual, write.num_pages)
+
+    def take_config_writes(self) -> list[ConfigWrite]:
+        """The guest's logged changes of actual, oldest first, counted
+        (deflate-on-OOM: pages taken back below both what the guest had and
+        what it was asked)."""
+        writes = self.mailbox.take_writes()
+        for w in writes:
+            self.counters.pages_deflated_unasked += self.pages_deflated_unasked_by(w)
+        return writes
 
     @property
     def poisoning(self) -> bool:
@@ -176,7 +231,7 @@ class BalloonDevice:
         ram = self.ram_bytes
         if ram == 0:
             return None
-        return max(0, ram - (self.config.actual << PAGE_SHIFT))
+        return max(0, ram - (self.mailbox.read().actual << PAGE_SHIFT))
 
     # -- inflate / deflate ---------------------------------------------------
 
@@ -266,9 +321,10 @@ class BalloonDevice:
     def describe(self) -> dict:
         """Figures for query-balloon (names in QMP's dash style)."""
         c = self.counters
+        config = self.mailbox.read()
         return {
-            "num-pages": self.config.num_pages,
-            "actual-pages": self.config.actual,
+            "num-pages": config.num_pages,
+            "actual-pages": config.actual,
             "ballooned-bytes": self.ballooned_bytes,
             "guest-ram-bytes": self.ram_bytes,
             "features": feature_names(self.acked_features),
@@ -284,14 +340,14 @@ class BalloonDevice:
             "discard-syscalls": c.discard.syscalls,
             "freed-bytes-measured": c.freed_measured,
             "pages-deflated-unasked": c.pages_deflated_unasked,
-            "poison-val": self.config.poison_val,
+            "poison-val": config.poison_val,
             **c.report.describe(),
         }
 
 
 __all__ = [
     "BalloonDevice",
-    "ConfigWrite",
+    "GuestWrite",
     "FeatureError",
     "CONFIG_SIZE",
 ]

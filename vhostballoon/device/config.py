@@ -1,4 +1,4 @@
-"""The virtio-balloon configuration space (virtio 1.2, 5.5.4).
+"""The virtio-balloon configuration space (virtio 1.2, 5.5.4): its layout.
 
 All fields are le32 (the device is VERSION_1 only):
 
@@ -6,49 +6,27 @@ All fields are le32 (the device is VERSION_1 only):
     actual                 written by the driver: pages in the balloon now
     free_page_hint_cmd_id  FREE_PAGE_HINT only
     poison_val             PAGE_POISON only: the guest's poison pattern
+
+The values live in one place, the C mailbox (``csrc/config.c``, read and
+written through ``native.ConfigMailbox``), which also holds the rule for a
+guest write.  The C side gets this layout from a header generated from this
+file at build time, so this file uses the standard library only.
 """
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass
-
-from construct import Int32ul, Struct
-
-CONFIG_LAYOUT = Struct(
-    "num_pages" / Int32ul,
-    "actual" / Int32ul,
-    "free_page_hint_cmd_id" / Int32ul,
-    "poison_val" / Int32ul,
-)
-CONFIG_SIZE = CONFIG_LAYOUT.sizeof()  # 16; QEMU's config_size must equal it
-# Read and written once per guest buffer (GET_CONFIG, SET_CONFIG): packed
-# with the struct module, the layout above, checked equal here.
-_CONFIG_FAST = struct.Struct("<IIII")
-assert CONFIG_LAYOUT.parse(_CONFIG_FAST.pack(1, 2, 3, 4)) == dict(
-    num_pages=1, actual=2, free_page_hint_cmd_id=3, poison_val=4
-)
-ACTUAL_OFFSET = 4
-POISON_OFFSET = 12
+# The fields in order, each le32.
+CONFIG_FIELDS = ("num_pages", "actual", "free_page_hint_cmd_id", "poison_val")
+CONFIG_OFFSETS = {name: 4 * i for i, name in enumerate(CONFIG_FIELDS)}
+CONFIG_SIZE = 4 * len(CONFIG_FIELDS)  # 16; QEMU's config_size must equal it
+NUM_PAGES_OFFSET = CONFIG_OFFSETS["num_pages"]
+ACTUAL_OFFSET = CONFIG_OFFSETS["actual"]
+FREE_PAGE_HINT_CMD_ID_OFFSET = CONFIG_OFFSETS["free_page_hint_cmd_id"]
+POISON_OFFSET = CONFIG_OFFSETS["poison_val"]
 
 
 class ConfigAccessError(ValueError):
     """A config read or write outside the 16-byte space."""
-
-
-@dataclass
-class BalloonConfig:
-    num_pages: int = 0
-    actual: int = 0
-    free_page_hint_cmd_id: int = 0
-    poison_val: int = 0
-
-    def pack(self) -> bytes:
-        return _CONFIG_FAST.pack(self.num_pages, self.actual, self.free_page_hint_cmd_id, self.poison_val)
-
-    @classmethod
-    def unpack(cls, data: bytes) -> "BalloonConfig":
-        return cls(*_CONFIG_FAST.unpack(data))
 
 
 def check_access(offset: int, size: int) -> None:

@@ -517,6 +517,11 @@ class SessionPersistence:
             return
         self.epoch = epoch
         self.journal.rewind(epoch)
+        if self.actual != doc["actual"]:
+            # Written meanwhile by the event loop (record_actual takes no
+            # lock; snapshots run in a worker thread): its record may have
+            # gone with the rewind.
+            self._append(JournalKind.ACTUAL, struct.pack("<I", self.actual), may_snapshot=False)
         self.dirty = False
         self.last_snapshot = time.monotonic()
         self.snapshots += 1
