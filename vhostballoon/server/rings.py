@@ -350,12 +350,17 @@ class Rings:
     def broken_queues(self) -> dict[int, str]:
         return {q.index: q.broken for q in self.queues if q.broken}
 
-    def close_blocking(self) -> None:
-        """Stop every queue and join the C threads (blocking: run it in a
+    def join_stopped(self) -> None:
+        """Wait for the stopped C threads to end (blocking: run it in a
         thread; they must be gone before the memory they serve is unmapped)."""
+        for _, server in list(self._stopping):
+            server.worker.join()
+
+    def retire_stopped(self) -> None:
+        """Count what the joined C threads did last, and free them."""
         while self._stopping:
             q, server = self._stopping.pop()
-            server.worker.join()
+            server.worker.join()  # at once: joined already
             self._retire(q, server)
 
     def stop_all(self) -> None:

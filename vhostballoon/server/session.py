@@ -179,9 +179,13 @@ class FrontendSession:
         self._stop_front()
         self.rings.stop_all()
         self.rings.close_fds()
-        await trio.to_thread.run_sync(self.rings.close_blocking)
+        await trio.to_thread.run_sync(self.rings.join_stopped)
+        self.rings.retire_stopped()
         self._close_rest()
-        await trio.to_thread.run_sync(self._close_memory)
+        # No task is left: the last snapshot sees a quiet table.  The table
+        # itself is unmapped on the event loop, where query-balloon reads it.
+        await trio.to_thread.run_sync(self.persist.close)
+        self.memory.close()
         self.stream.close()
 
     def close(self) -> None:
@@ -189,9 +193,10 @@ class FrontendSession:
         self._stop_front()
         self.rings.stop_all()
         self.rings.close_fds()
-        self.rings.close_blocking()
+        self.rings.retire_stopped()
         self._close_rest()
-        self._close_memory()
+        self.persist.close()
+        self.memory.close()
         self.stream.close()
 
     def _stop_front(self) -> None:
@@ -208,10 +213,6 @@ class FrontendSession:
             self._notify_fd = None
         self.config.close()
         self.conn.close()
-
-    def _close_memory(self) -> None:
-        self.persist.close()  # no task is left: the last snapshot sees a quiet table
-        self.memory.close()
 
     async def _receive_loop(self) -> None:
         front = self.front

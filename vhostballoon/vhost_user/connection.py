@@ -32,10 +32,7 @@ replies already earned, and ``close`` always works.
 
 from __future__ import annotations
 
-import enum
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from .codec import (
@@ -57,13 +54,34 @@ from .constants import (
     VIRTIO_F_RING_PACKED,
     VRING_ADDR_F_LOG,
     VRING_FD_INDEX_MASK,
-    BackendRequest,
     ProtocolFeature,
-    Request,
     CONFIG_FLAG_FRONTEND,
     CONFIG_FLAG_MIGRATION,
 )
 from .errors import LocalProtocolError, ProtocolError, VhostUserError
+from .rules import RULES, Handling, _Requirement
+from .backend_channel import BackendAck, BackendChannel, encode_backend_request
+from .events import (
+    Event,
+    FeaturesSet,
+    StatusSet,
+    MemoryTableSet,
+    MemoryRegionAdded,
+    MemoryRegionRemoved,
+    VringNumSet,
+    VringAddrSet,
+    VringBaseSet,
+    VringBaseGet,
+    _VringFileSet,
+    VringKickSet,
+    VringCallSet,
+    VringErrSet,
+    VringEnableSet,
+    ConfigGet,
+    ConfigSet,
+    BackendChannelSet,
+    DeviceReset,
+)
 
 __all__ = [
     "NEED_DATA",
@@ -117,270 +135,6 @@ SUPPORTED_PROTOCOL_FEATURES = (
 # virtio feature bits this layer cannot serve: VHOST_F_LOG_ALL (26, dirty
 # logging) and VIRTIO_F_IOMMU_PLATFORM (33, needs IOTLB_MSG).
 _UNSERVABLE_DEVICE_FEATURES = {1 << 26: "VHOST_F_LOG_ALL", 1 << 33: "VIRTIO_F_IOMMU_PLATFORM"}
-
-
-# -- events -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class Event:
-    """A device-level request. ``request`` and ``need_reply`` are the original
-    message's, for logging; the connection sends the reply itself."""
-
-    request: Request
-    need_reply: bool = False
-
-    @property
-    def fds(self) -> tuple[int, ...]:
-        """The fds this event hands to the caller (who now owns them)."""
-        return ()
-
-
-@dataclass(frozen=True)
-class FeaturesSet(Event):
-    """SET_FEATURES (already stored as ``acked_features``). Without
-    VHOST_USER_F_PROTOCOL_FEATURES in ``features`` every ring starts enabled
-    (spec "Ring states")."""
-
-    features: int
-
-
-@dataclass(frozen=True)
-class StatusSet(Event):
-    """SET_STATUS (already stored as ``status``)."""
-
-    status: int
-
-
-@dataclass(frozen=True)
-class MemoryTableSet(Event):
-    """SET_MEM_TABLE: the whole table, each region with its fd."""
-
-    regions: tuple[tuple[MemoryRegion, int], ...]
-
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return tuple(fd for _, fd in self.regions)
-
-
-@dataclass(frozen=True)
-class MemoryRegionAdded(Event):
-    region: MemoryRegion
-    fd: int
-
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return (self.fd,)
-
-
-@dataclass(frozen=True)
-class MemoryRegionRemoved(Event):
-    """REM_MEM_REG; the region is identified by gpa, uaddr and size (its
-    mmap_offset is to be ignored, spec REM_MEM_REG)."""
-
-    region: MemoryRegion
-
-
-@dataclass(frozen=True)
-class VringNumSet(Event):
-    index: int
-    num: int
-
-
-@dataclass(frozen=True)
-class VringAddrSet(Event):
-    index: int
-    flags: int
-    desc: int
-    used: int
-    avail: int
-    log: int
-
-
-@dataclass(frozen=True)
-class VringBaseSet(Event):
-    index: int
-    base: int
-
-
-@dataclass(frozen=True)
-class VringBaseGet(Event):
-    """GET_VRING_BASE: stop the ring; complete with its last avail index."""
-
-    index: int
-
-
-@dataclass(frozen=True)
-class _VringFileSet(Event):
-    index: int
-    fd: int | None  # None: the no-fd bit was set
-
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return () if self.fd is None else (self.fd,)
-
-
-@dataclass(frozen=True)
-class VringKickSet(_VringFileSet):
-    """SET_VRING_KICK; ``fd`` None means "poll" (spec)."""
-
-
-@dataclass(frozen=True)
-class VringCallSet(_VringFileSet):
-    pass
-
-
-@dataclass(frozen=True)
-class VringErrSet(_VringFileSet):
-    pass
-
-
-@dataclass(frozen=True)
-class VringEnableSet(Event):
-    index: int
-    enabled: bool
-
-
-@dataclass(frozen=True)
-class ConfigGet(Event):
-    """GET_CONFIG; complete with exactly ``size`` bytes (or ok=False)."""
-
-    offset: int
-    size: int
-    flags: int
-
-
-@dataclass(frozen=True)
-class ConfigSet(Event):
-    """SET_CONFIG; ``flags`` 0 is a front-end (guest) write, 1 migration."""
-
-    offset: int
-    data: bytes
-    flags: int
-
-
-@dataclass(frozen=True)
-class BackendChannelSet(Event):
-    """SET_BACKEND_REQ_FD: the socket for back-end requests."""
-
-    fd: int
-
-    @property
-    def fds(self) -> tuple[int, ...]:
-        return (self.fd,)
-
-
-@dataclass(frozen=True)
-class DeviceReset(Event):
-    """RESET_DEVICE, or the deprecated RESET_OWNER (see ``request``)."""
-
-
-# -- the state table -----------------------------------------------------------------
-
-
-class Handling(enum.Enum):
-    CONNECTION = "answered by the connection"
-    EVENT = "handed to the caller as an event"
-    UNSUPPORTED = "refused: not implemented by this back-end"
-
-
-class _Requirement(enum.Enum):
-    # spec SET_VRING_ENABLE: only when VHOST_USER_F_PROTOCOL_FEATURES "has been
-    # negotiated". Before SET_FEATURES, SET_PROTOCOL_FEATURES shows that the
-    # front-end uses it; after SET_FEATURES, bit 30 must have been acked.
-    F_PROTOCOL_FEATURES = "VHOST_USER_F_PROTOCOL_FEATURES (bit 30)"
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What the connection does with one request.
-
-    ``requires``: a protocol feature (or bit 30) that must be negotiated first.
-    ``reply``: the payload type of the request's own reply; None means it has
-    none, and gets a u64 ack only when NEED_REPLY asks for one.
-    ``handler``: the BackendConnection method that validates the message and
-    returns either the reply payload (CONNECTION) or an Event (EVENT).
-    ``refusal``: why an UNSUPPORTED request is refused.
-    """
-
-    handling: Handling
-    handler: str = ""
-    requires: ProtocolFeature | _Requirement | None = None
-    reply: type | None = None
-    refusal: str = ""
-
-
-def _answer(handler: str, reply: type | None = None, requires=None) -> Rule:
-    return Rule(Handling.CONNECTION, handler, requires, reply)
-
-
-def _event(handler: str, reply: type | None = None, requires=None) -> Rule:
-    return Rule(Handling.EVENT, handler, requires, reply)
-
-
-def _refuse(reason: str) -> Rule:
-    return Rule(Handling.UNSUPPORTED, refusal=reason)
-
-
-def _not_offered(feature: ProtocolFeature) -> Rule:
-    return _refuse(f"protocol feature {feature.name} not offered")
-
-
-_PF = ProtocolFeature
-R = Request
-
-#: The one table of what is legal when, for every front-end request.
-RULES: dict[Request, Rule] = {
-    R.GET_FEATURES: _answer("_get_features", U64),
-    R.SET_FEATURES: _event("_set_features"),  # stored here, and told to the device
-    R.SET_OWNER: _answer("_set_owner"),
-    R.RESET_OWNER: _event("_reset_owner"),
-    R.SET_MEM_TABLE: _event("_set_mem_table"),
-    R.SET_LOG_BASE: _not_offered(_PF.LOG_SHMFD),
-    R.SET_LOG_FD: _refuse("dirty logging: feature VHOST_F_LOG_ALL not offered"),
-    R.SET_VRING_NUM: _event("_set_vring_num"),
-    R.SET_VRING_ADDR: _event("_set_vring_addr"),
-    R.SET_VRING_BASE: _event("_set_vring_base"),
-    R.GET_VRING_BASE: _event("_get_vring_base", VringState),
-    R.SET_VRING_KICK: _event("_set_vring_kick"),
-    R.SET_VRING_CALL: _event("_set_vring_call"),
-    R.SET_VRING_ERR: _event("_set_vring_err"),
-    R.GET_PROTOCOL_FEATURES: _answer("_get_protocol_features", U64),
-    R.SET_PROTOCOL_FEATURES: _answer("_set_protocol_features"),
-    R.GET_QUEUE_NUM: _answer("_get_queue_num", U64, _PF.MQ),
-    R.SET_VRING_ENABLE: _event("_set_vring_enable", requires=_Requirement.F_PROTOCOL_FEATURES),
-    R.SEND_RARP: _not_offered(_PF.RARP),
-    R.NET_SET_MTU: _not_offered(_PF.NET_MTU),
-    R.SET_BACKEND_REQ_FD: _event("_set_backend_req_fd", requires=_PF.BACKEND_REQ),
-    R.IOTLB_MSG: _refuse("feature VIRTIO_F_IOMMU_PLATFORM not offered"),
-    R.SET_VRING_ENDIAN: _not_offered(_PF.CROSS_ENDIAN),
-    R.GET_CONFIG: _event("_get_config", ConfigSpace, _PF.CONFIG),
-    R.SET_CONFIG: _event("_set_config", requires=_PF.CONFIG),
-    R.CREATE_CRYPTO_SESSION: _not_offered(_PF.CRYPTO_SESSION),
-    R.CLOSE_CRYPTO_SESSION: _not_offered(_PF.CRYPTO_SESSION),
-    R.POSTCOPY_ADVISE: _not_offered(_PF.PAGEFAULT),
-    R.POSTCOPY_LISTEN: _not_offered(_PF.PAGEFAULT),
-    R.POSTCOPY_END: _not_offered(_PF.PAGEFAULT),
-    R.GET_INFLIGHT_FD: _not_offered(_PF.INFLIGHT_SHMFD),
-    R.SET_INFLIGHT_FD: _not_offered(_PF.INFLIGHT_SHMFD),
-    R.GPU_SET_SOCKET: _refuse("only vhost-user-gpu back-ends take it"),
-    R.RESET_DEVICE: _event("_reset_device", requires=_PF.RESET_DEVICE),
-    R.VRING_KICK: _not_offered(_PF.INBAND_NOTIFICATIONS),
-    R.GET_MAX_MEM_SLOTS: _answer("_get_max_mem_slots", U64, _PF.CONFIGURE_MEM_SLOTS),
-    R.ADD_MEM_REG: _event("_add_mem_reg", requires=_PF.CONFIGURE_MEM_SLOTS),
-    R.REM_MEM_REG: _event("_rem_mem_reg", requires=_PF.CONFIGURE_MEM_SLOTS),
-    R.SET_STATUS: _event("_set_status", requires=_PF.STATUS),  # stored here, and told
-    R.GET_STATUS: _answer("_get_status", U64, _PF.STATUS),
-    R.GET_SHARED_OBJECT: _not_offered(_PF.SHARED_OBJECT),
-    R.SET_DEVICE_STATE_FD: _not_offered(_PF.DEVICE_STATE),
-    R.CHECK_DEVICE_STATE: _not_offered(_PF.DEVICE_STATE),
-    R.GET_SHMEM_CONFIG: _not_offered(_PF.SHMEM),
-}
-del R
-
-_missing = [r.name for r in Request if r not in RULES]
-if _missing:  # pragma: no cover - a table edit gone wrong
-    raise RuntimeError(f"RULES lacks {_missing}")
 
 
 def _bits(value: int) -> str:
@@ -819,75 +573,3 @@ class BackendConnection:
 
     def _set_backend_req_fd(self, message: Message) -> BackendChannelSet:
         return BackendChannelSet(message.fds[0], **self._meta(message))
-
-
-# -- the back-end channel ---------------------------------------------------------------
-
-
-def encode_backend_request(
-    request: BackendRequest, payload: Payload | None = None, need_reply: bool = False
-) -> bytes:
-    """One back-end request (e.g. CONFIG_CHANGE_MSG, no payload). Set
-    ``need_reply`` only with REPLY_ACK negotiated (``conn.reply_ack``)."""
-    return encode(BackendRequest(request), payload, need_reply=need_reply)
-
-
-@dataclass(frozen=True)
-class BackendAck:
-    """The front-end's u64 answer to a back-end request: 0 is success."""
-
-    request: BackendRequest
-    value: int
-
-    @property
-    def ok(self) -> bool:
-        return self.value == 0
-
-
-class BackendChannel:
-    """Sans-I/O reader of the front-end's replies on the back-end channel.
-
-    ``encode_request`` builds a request and remembers that an ack is due if
-    it set NEED_REPLY; each ack read is checked against the oldest such
-    request (when any was sent through this object). Fds that come with a
-    reply are closed: no reply this layer understands carries one.
-    """
-
-    def __init__(self) -> None:
-        self._decoder = MessageDecoder.for_backend_replies()
-        self._awaiting: deque[BackendRequest] = deque()
-
-    def encode_request(
-        self, request: BackendRequest, payload: Payload | None = None, *, need_reply: bool = False
-    ) -> bytes:
-        data = encode_backend_request(request, payload, need_reply=need_reply)
-        if need_reply:
-            self._awaiting.append(BackendRequest(request))
-        return data
-
-    def feed(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        self._decoder.feed(data, fds)
-
-    def next_ack(self) -> BackendAck | None:
-        message = self._decoder.next_message()
-        if message is None:
-            return None
-        close_fds(message.fds)
-        if self._awaiting:
-            expected = self._awaiting.popleft()
-            if message.request is not expected:
-                self._decoder.close()
-                raise ProtocolError(
-                    f"reply to back-end {message.request.name}, but {expected.name} awaits one"
-                )
-        return BackendAck(message.request, message.payload.value)
-
-    def receive_reply(self, data: bytes, fds: Sequence[int] = ()) -> int | None:
-        """Feed ``data``; return the ack value of the next whole reply, or None."""
-        if data or fds:
-            self.feed(data, fds)
-        ack = self.next_ack()
-        return None if ack is None else ack.value
-
-    def close(self) -> None:
-        self._decoder.close()
