@@ -18,7 +18,7 @@ index, so the new back-end is served again every buffer the old one had
 taken and not returned.  To have a buffer in exactly that state, the test
 holds the back-end with gdb at ``vb_vq_push_used`` (the batch is already in
 the page state and the journal, its buffer not yet back in the used ring)
-and kills it there.
+and kills it there with SIGKILL.
 """
 
 from __future__ import annotations
@@ -92,10 +92,10 @@ async def wait_reconnected(backend, timeout: float = 20.0) -> dict:
     )
 
 
-def kill_at_buffer_return(backend) -> subprocess.Popen:
-    """Attach gdb to the back-end; the next time a queue thread is about to
+def hold_at_buffer_return(backend, workdir) -> subprocess.Popen:
+    """Attach gdb to the back-end: the next time a queue thread is about to
     return buffers to the guest (``vb_vq_push_used``: the batch is already in
-    the page state and the journal), gdb kills the back-end with SIGKILL.
+    the page state and the journal), the back-end stops there, held.
     Returns once the breakpoint is armed; the back-end runs on meanwhile."""
     gdb = subprocess.Popen(
         ["gdb", "-nx", "-batch", "-p", str(backend.process.pid),
@@ -103,30 +103,37 @@ def kill_at_buffer_return(backend) -> subprocess.Popen:
          "-ex", "break vb_vq_push_used",
          "-ex", "echo @@ARMED\\n",
          "-ex", "continue",
-         "-ex", "echo @@HIT\\n",
          "-ex", "bt 2",
-         "-ex", "signal SIGKILL"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+         "-ex", "echo @@HELD\\n",
+         # keep the back-end stopped until the test kills it
+         "-ex", "python import time; time.sleep(600)"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workdir,
     )
+    gdb.seen = read_until(gdb, "@@ARMED")
+    return gdb
+
+
+def read_until(gdb: subprocess.Popen, marker: str) -> list[str]:
     seen = []
-    deadline = time.monotonic() + 60
     for line in gdb.stdout:
         seen.append(line)
-        if "@@ARMED" in line:
-            gdb.seen = seen
-            return gdb
-        if time.monotonic() > deadline:
-            break
+        if marker in line:
+            return seen
     gdb.kill()
-    raise AssertionError(f"gdb could not arm its breakpoint: {''.join(seen)[-2000:]}")
+    gdb.wait()
+    raise AssertionError(f"gdb ended before {marker}: {''.join(seen)[-3000:]}")
 
 
-def gdb_killed_it(gdb: subprocess.Popen, backend) -> str:
-    out, _ = gdb.communicate(timeout=60)
-    out = "".join(gdb.seen) + out
-    assert "@@HIT" in out and "vb_vq_push_used" in out, out[-3000:]
-    assert backend.process.wait(timeout=20) == -signal.SIGKILL, out[-3000:]
-    return out
+def kill_while_held(gdb: subprocess.Popen, backend) -> str:
+    """Wait until gdb holds the back-end at vb_vq_push_used, then SIGKILL
+    the back-end there (then gdb, which lets the kernel report the exit)."""
+    held = "".join(read_until(gdb, "@@HELD"))
+    assert "vb_vq_push_used" in held, held[-3000:]
+    backend.process.send_signal(signal.SIGKILL)
+    gdb.kill()
+    gdb.wait()
+    assert backend.process.wait(timeout=20) == -signal.SIGKILL
+    return held
 
 
 async def test_sigkill_mid_inflate_backend_restarts_under_the_running_guest(tmp_path, backend_factory, patched_qemu):
@@ -276,9 +283,9 @@ async def test_three_restarts_in_a_row_with_buffers_in_flight(tmp_path, backend_
         await trio.sleep(1)
 
         # 1. An inflate buffer in flight.
-        gdb = await trio.to_thread.run_sync(kill_at_buffer_return, backend)
+        gdb = await trio.to_thread.run_sync(hold_at_buffer_return, backend, tmp_path)
         await backend.execute("balloon", value=512 * MiB)
-        await trio.to_thread.run_sync(gdb_killed_it, gdb, backend)
+        await trio.to_thread.run_sync(kill_while_held, gdb, backend)
         # Linux counts a page in vmstat when it enqueues it, before it
         # sends the buffer: one buffer on top of 768 MiB, waiting.
         assert balloon_pages(await guest.vmstat()) == 256 * MiB // PAGE + PFNS_PER_BUFFER
@@ -295,9 +302,9 @@ async def test_three_restarts_in_a_row_with_buffers_in_flight(tmp_path, backend_
         await trio.sleep(1)
 
         # 2. A deflate buffer in flight.
-        gdb = await trio.to_thread.run_sync(kill_at_buffer_return, first)
+        gdb = await trio.to_thread.run_sync(hold_at_buffer_return, first, tmp_path)
         await first.execute("balloon", value=1 * GiB)
-        await trio.to_thread.run_sync(gdb_killed_it, gdb, first)
+        await trio.to_thread.run_sync(kill_while_held, gdb, first)
         # (dequeued and counted before the buffer is sent; the pages go
         # back to the guest's allocator only when the buffer comes back)
         assert balloon_pages(await guest.vmstat()) == 512 * MiB // PAGE - PFNS_PER_BUFFER
