@@ -24,9 +24,9 @@ from vhostballoon.testing.qemu import build_patched_qemu, provisioning_problem
 PROBLEM = provisioning_problem()
 REPO = Path(__file__).resolve().parents[2]
 # QEMU patches this project ships (protocol/qemu/README.md) and the rig that
-# builds them (.ci/run uses the same ../shared/e2e).
+# builds them (.ci/run uses the same ../shared/e2e; VB_E2E_RIG overrides it).
 QEMU_PATCHES = sorted((REPO / "protocol" / "qemu").glob("*.patch"))
-BUILD_QEMU = REPO.parent / "shared" / "e2e" / "build-qemu.sh"
+BUILD_QEMU = Path(os.environ.get("VB_E2E_RIG", REPO.parent / "shared" / "e2e")) / "build-qemu.sh"
 
 
 def pytest_collection_modifyitems(items):
