@@ -19,9 +19,14 @@ import pytest
 import trio
 
 from vhostballoon.ctl import ControlClient
-from vhostballoon.testing.qemu import provisioning_problem
+from vhostballoon.testing.qemu import build_patched_qemu, provisioning_problem
 
 PROBLEM = provisioning_problem()
+REPO = Path(__file__).resolve().parents[2]
+# QEMU patches this project ships (protocol/qemu/README.md) and the rig that
+# builds them (.ci/run uses the same ../shared/e2e; VB_E2E_RIG overrides it).
+QEMU_PATCHES = sorted((REPO / "protocol" / "qemu").glob("*.patch"))
+BUILD_QEMU = Path(os.environ.get("VB_E2E_RIG", REPO.parent / "shared" / "e2e")) / "build-qemu.sh"
 
 
 def pytest_collection_modifyitems(items):
@@ -162,3 +167,14 @@ def backend_factory(tmp_path):
 @pytest.fixture
 def backend(backend_factory) -> BackendProcess:
     return backend_factory()
+
+
+@pytest.fixture(scope="session")
+def patched_qemu() -> Path:
+    """qemu-system-x86_64 10.2.2 with protocol/qemu/*.patch applied, built by
+    the rig on first use (minutes; cached by the patches' hash).  Tests that
+    need it are skipped, with the reason, when it cannot be built here."""
+    qemu, why = build_patched_qemu(QEMU_PATCHES, BUILD_QEMU)
+    if qemu is None:
+        pytest.skip(f"patched QEMU not available: {why}")
+    return qemu

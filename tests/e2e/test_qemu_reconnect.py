@@ -18,8 +18,10 @@ What they show (QEMU 10.2.2, ``vhost-user-test-device-pci``):
 - When the back-end is killed, QEMU and the guest keep running; when a back-end
   listens again and QEMU reconnects, QEMU aborts (SIGABRT) in
   ``vhost_dev_start`` (``vub_connect`` never re-initialises the vhost device
-  that ``vub_disconnect`` cleaned up). So the only recovery from a back-end
-  restart is a fresh QEMU (see test_qemu_balloon.py).
+  that ``vub_disconnect`` cleaned up). So with stock QEMU the only recovery
+  from a back-end restart is a fresh QEMU (see test_qemu_balloon.py); with
+  protocol/qemu's patch the same guest carries on
+  (test_qemu_patched_reconnect.py).
 """
 
 from __future__ import annotations

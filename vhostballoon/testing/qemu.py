@@ -43,6 +43,32 @@ def provisioning_problem() -> str | None:
     return None
 
 
+def build_patched_qemu(patches: list[Path], build_script: Path) -> tuple[Path | None, str]:
+    """The ``qemu-system-x86_64`` that ``build_script`` (the rig's
+    build-qemu.sh) builds with ``patches`` applied, or (None, why not).
+
+    The rig caches each build by the patches' hash, so this returns at once
+    when that build exists; else it compiles QEMU (minutes).  When it fails,
+    the reason ends with the script's last lines."""
+    if not patches:
+        return None, "no patches given"
+    if not build_script.exists():
+        return None, f"{build_script} is missing"
+    result = subprocess.run(
+        ["bash", str(build_script)],
+        env={**os.environ, "QEMU_PATCHES": " ".join(str(p) for p in patches)},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines = result.stdout.splitlines()
+    prefix = next((line.split("=", 1)[1] for line in reversed(lines) if line.startswith("QEMU_PREFIX=")), None)
+    if result.returncode != 0 or prefix is None:
+        return None, f"{build_script} with QEMU_PATCHES failed (rc {result.returncode}): " + " | ".join(lines[-8:])
+    qemu = Path(prefix) / "bin" / "qemu-system-x86_64"
+    if not os.access(qemu, os.X_OK):
+        return None, f"{build_script} printed QEMU_PREFIX={prefix} but {qemu} is not executable"
+    return qemu, ""
+
+
 class GuestError(Exception):
     pass
 
@@ -153,6 +179,7 @@ class QemuGuest:
         wait_ready: bool = True,
         ram_fd: int | None = None,
         ram_align: str = "2M",
+        qemu_bin: Path | str | None = None,
     ) -> "QemuGuest":
         """Start QEMU; by default wait until the guest is ready for commands.
 
@@ -167,6 +194,9 @@ class QemuGuest:
         mapping can hold PMD-size transparent huge pages (QEMU madvises guest
         RAM MADV_HUGEPAGE).  The caller keeps the fd open and closes it after
         :meth:`kill`; :meth:`host_allocated` then measures that file.
+
+        ``qemu_bin``: another ``qemu-system-x86_64`` than the stock one, e.g.
+        a patched build (:func:`build_patched_qemu`).
         """
         workdir = Path(workdir)
         if ram_fd is None:
@@ -177,7 +207,7 @@ class QemuGuest:
                 f"align={ram_align},size={memory_mib}M"
             )
         args = [
-            str(QEMU_BIN), "-accel", "tcg", "-cpu", "max", "-smp", "2",
+            str(qemu_bin or QEMU_BIN), "-accel", "tcg", "-cpu", "max", "-smp", "2",
             "-m", f"{memory_mib}M",
             "-object", ram_backend,
             "-machine", "q35,memory-backend=mem",
