@@ -47,20 +47,22 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "vb_internal.h"
+#include "vb_runtime_internal.h"
 
+/* The protocol's numbers and the config layout come from the Python
+ * sources through vb_gen.h (vhost_user/constants.py, device/config_layout.py). */
 #define FRONT_BUF 65536
-#define FRONT_MAX_FDS 8
-#define HDR 12
-#define CFG_HDR 12
-#define REQ_GET_CONFIG 24
-#define REQ_SET_CONFIG 25
-#define F_VERSION 0x1u
-#define F_REPLY 0x4u
-#define F_NEED_REPLY 0x8u
-#define CFG_SIZE 16
-#define OFF_ACTUAL 4
-#define OFF_POISON 12
+#define FRONT_MAX_FDS VB_VHOST_USER_MAX_FDS
+#define HDR VB_VHOST_USER_HEADER_SIZE
+#define CFG_HDR VB_VHOST_USER_CONFIG_HEADER_SIZE
+#define REQ_GET_CONFIG VB_VHOST_USER_REQ_GET_CONFIG
+#define REQ_SET_CONFIG VB_VHOST_USER_REQ_SET_CONFIG
+#define F_VERSION ((uint32_t)VB_VHOST_USER_F_VERSION)
+#define F_REPLY ((uint32_t)VB_VHOST_USER_F_REPLY)
+#define F_NEED_REPLY ((uint32_t)VB_VHOST_USER_F_NEED_REPLY)
+#define CFG_SIZE VB_CONFIG_SIZE
+#define OFF_ACTUAL VB_CONFIG_OFF_ACTUAL
+#define OFF_POISON VB_CONFIG_OFF_POISON
 #define WRITE_LOG 4096
 
 struct vb_front {

@@ -46,6 +46,19 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def _pop(vq: Virtqueue, mem: GuestMemory) -> tuple[list[int], PfnArray]:
+    """vq.pop_pfn32, its ranges as the PFNs they cover (in order)."""
+    got = vq.pop_pfn32(mem)
+    return got.heads, PfnArray.from_list(got.ranges.pfns())
+
+
+def _discard_pfns(mem: GuestMemory, pfns: PfnArray):
+    """Free the pages of a PFN list the way the core frees what it hands
+    out: as ranges, sorted and merged (each inside one region)."""
+    ranges = mem.merge(RangeList.from_pfns(pfns, mem))
+    return mem.discard_ranges(ranges), ranges
+
+
 def allocated(fd: int) -> int:
     return os.fstat(fd).st_blocks * 512
 
@@ -351,7 +364,7 @@ def test_queue_refuses_rings_whose_memory_was_unmapped(guest):
     ring.add_buffer([1, 2])
     guest.mem.remove_region(0, GUEST_SIZE)
     with pytest.raises(RingError, match="queue 0: guest memory was unmapped since setup"):
-        vq.pop_pfns(guest.mem)
+        vq.pop_pfn32(guest.mem)
     with pytest.raises(RingError, match="unmapped"):
         vq.push_used([0])
 
@@ -370,11 +383,13 @@ def test_pop_direct_chained_and_indirect_buffers(guest):
     heads = [ring.add_buffer(a), ring.add_buffer(b, pieces=3),
              ring.add_buffer(c, pieces=4, indirect=True), ring.add_buffer(d, indirect=True)]
     assert vq.pending() == 4
-    got_heads, pfns = vq.pop_pfns(guest.mem)
+    got = vq.pop_pfn32(guest.mem)
+    got_heads, pfns = got.heads, got.ranges.pfns()
     assert got_heads == heads == [0, 1, 4, 5]
-    assert pfns.tolist() == a + b + c + d and len(pfns) == len(a + b + c + d)
+    assert pfns == a + b + c + d and got.items == len(a + b + c + d)
     assert vq.last_avail_idx == 4 and vq.pending() == 0
-    assert vq.pop_pfns(guest.mem) == ([], pfns) and len(pfns) == 0
+    again = vq.pop_pfn32(guest.mem)
+    assert (again.heads, again.ranges) == ([], got.ranges) and len(again.ranges) == 0
 
 
 def test_pop_reads_from_a_wrapped_avail_index(guest):
@@ -384,7 +399,7 @@ def test_pop_reads_from_a_wrapped_avail_index(guest):
     ring.add_buffer([1])
     ring.add_buffer([2])
     ring.add_buffer([3])
-    heads, pfns = vq.pop_pfns(guest.mem)
+    heads, pfns = _pop(vq, guest.mem)
     assert heads == [0, 1, 2] and pfns.tolist() == [1, 2, 3]
     assert vq.last_avail_idx == 1
 
@@ -536,7 +551,7 @@ def test_malformed_ring_raises_with_values_and_consumes_nothing(guest, corrupt):
     message = corrupt(ring)
     for _ in range(2):  # the same answer again: nothing moved
         with pytest.raises(RingError) as exc:
-            vq.pop_pfns(guest.mem)
+            vq.pop_pfn32(guest.mem)
         assert str(exc.value).startswith("queue 3: ")
         assert message in str(exc.value)
         assert vq.last_avail_idx == 0
@@ -561,17 +576,17 @@ def test_buffers_that_do_not_fit_wait_for_the_next_pop(guest):
     bufs = [list(range(k * 256, (k + 1) * 256)) for k in range(3)]
     for b in bufs:
         ring.add_buffer(b, pieces=2)
-    heads, pfns = vq.pop_pfns(guest.mem)
+    heads, pfns = _pop(vq, guest.mem)
     assert heads == [0, 2] and pfns.tolist() == bufs[0] + bufs[1]
     assert vq.pending() == 1
-    heads, pfns = vq.pop_pfns(guest.mem)
+    heads, pfns = _pop(vq, guest.mem)
     assert heads == [4] and pfns.tolist() == bufs[2]
 
     for k in range(5):
         ring.add_buffer([k])
-    heads, pfns = vq.pop_pfns(guest.mem)
+    heads, pfns = _pop(vq, guest.mem)
     assert len(heads) == 3 and pfns.tolist() == [0, 1, 2]  # max_heads
-    heads, pfns = vq.pop_pfns(guest.mem)
+    heads, pfns = _pop(vq, guest.mem)
     assert len(heads) == 2 and pfns.tolist() == [3, 4]
 
 
@@ -583,10 +598,10 @@ def test_pop_sees_only_published_buffers(guest):
     head = ring.take_desc()
     ring.write_desc(ring.desc, head, ring.put_pfns([2]), 4)
     ring.publish(head, publish_idx=False)  # in the ring, idx not yet bumped
-    heads, pfns = vq.pop_pfns(guest.mem)
+    heads, pfns = _pop(vq, guest.mem)
     assert pfns.tolist() == [1]
     ring.set_avail_idx(ring.avail_idx)
-    heads, pfns = vq.pop_pfns(guest.mem)
+    heads, pfns = _pop(vq, guest.mem)
     assert heads == [head] and pfns.tolist() == [2]
 
 
@@ -648,11 +663,11 @@ def test_pop_publishes_avail_event_with_event_idx(guest):
     ring = DriverRing(guest, 16)
     vq = Virtqueue(0)
     ring.setup(vq, base=40, event_idx=True)
-    assert vq.pop_pfns(guest.mem)[0] == []
+    assert vq.pop_pfn32(guest.mem).heads == []
     assert ring.avail_event() == 40       # even an empty pop asks for the next kick
     ring.add_buffer([1])
     ring.add_buffer([2])
-    heads, _ = vq.pop_pfns(guest.mem)
+    heads = vq.pop_pfn32(guest.mem).heads
     assert len(heads) == 2 and ring.avail_event() == 42
 
 
@@ -662,7 +677,7 @@ def test_pop_leaves_avail_event_alone_without_event_idx(guest):
     ring.setup(vq, event_idx=False)
     struct.pack_into("<H", guest.view, ring.used + 4 + 8 * 16, 0xBEEF)
     ring.add_buffer([1])
-    vq.pop_pfns(guest.mem)
+    vq.pop_pfn32(guest.mem)
     assert ring.avail_event() == 0xBEEF
 
 
@@ -674,14 +689,14 @@ def test_balloon_update_changed_unchanged_invalid_and_duplicates(memfd_1g):
         mem.add_region(os.dup(memfd_1g), 0, MiB, UADDR, 0)              # pfns 0..255
         mem.add_region(os.dup(memfd_1g), 4 * MiB, MiB, UADDR + MiB, MiB)  # pfns 1024..1279
         up = mem.balloon_update(PfnArray.from_list([1, 2, 2, 1024, 300, 3, 1279, 1280]), inflate=True)
-        assert up.changed.tolist() == [1, 2, 1024, 3, 1279]
+        assert up.changed.pfns() == [1, 2, 1024, 3, 1279]
         assert (up.n_invalid, up.first_invalid, up.n_unchanged) == (2, 300, 1)
         assert [r.ballooned_pages for r in mem.regions] == [3, 2] and mem.ballooned_pages == 5
 
         up = mem.balloon_update(PfnArray.from_list([2, 4]), inflate=True)
-        assert up.changed.tolist() == [4] and up.n_unchanged == 1 and up.first_invalid is None
+        assert up.changed.pfns() == [4] and up.n_unchanged == 1 and up.first_invalid is None
         up = mem.balloon_update(PfnArray.from_list([2, 2, 5, 1279]), inflate=False)
-        assert up.changed.tolist() == [2, 1279] and up.n_unchanged == 2 and up.n_invalid == 0
+        assert up.changed.pfns() == [2, 1279] and up.n_unchanged == 2 and up.n_invalid == 0
         assert [r.ballooned_pages for r in mem.regions] == [3, 1]
         up = mem.balloon_update(PfnArray.from_list([]), inflate=False)
         assert len(up.changed) == 0 and mem.ballooned_pages == 4
@@ -727,13 +742,13 @@ def test_discard_frees_exactly_the_ballooned_pages_and_keeps_the_rest(guest):
     victims = random.Random(7).sample(range(npages), 4096)
     pfns = PfnArray.from_list(victims + victims[:100])  # duplicates cost nothing
 
-    stats = guest.mem.discard(pfns)
+    stats, ranges = _discard_pfns(guest.mem, pfns)
 
     assert allocated(guest.fd) == GUEST_SIZE - 16 * MiB
     assert guest.mem.allocated_bytes() == GUEST_SIZE - 16 * MiB
     assert stats.bytes_freed == 16 * MiB and stats.bytes_failed == 0
     assert stats.syscalls == stats.ranges < 4096  # random picks still touch now and then
-    assert pfns.tolist() == sorted(victims + victims[:100])  # sorted in place
+    assert ranges.pfns() == sorted(set(victims))  # sorted, each page once
     assert guest.mem.regions[0].discard_method == "fallocate"
     gone = set(victims)
     zero = bytes(PAGE_SIZE)
@@ -747,12 +762,12 @@ def test_discard_coalesces_runs_into_single_syscalls(guest):
     before = allocated(guest.fd)
     run = list(range(1000, 2000))
     random.Random(1).shuffle(run)
-    stats = guest.mem.discard(PfnArray.from_list(run))
+    stats, _ = _discard_pfns(guest.mem, PfnArray.from_list(run))
     assert (stats.ranges, stats.syscalls, stats.bytes_freed) == (1, 1, 1000 * PAGE_SIZE)
     assert before - allocated(guest.fd) == 1000 * PAGE_SIZE
 
     pfns = [10, 11, 12, 12, 30, 40, 41, 11, 3, 20000, 20000]  # 20000 is past 64 MiB
-    stats = guest.mem.discard(PfnArray.from_list(pfns))
+    stats, _ = _discard_pfns(guest.mem, PfnArray.from_list(pfns))
     assert (stats.ranges, stats.syscalls, stats.pages_outside) == (4, 4, 1)
     assert stats.bytes_freed == 7 * PAGE_SIZE
     assert before - allocated(guest.fd) == 1007 * PAGE_SIZE
@@ -766,7 +781,7 @@ def test_discard_splits_runs_at_region_boundaries():
             mem.add_region(os.dup(fds[1]), MiB, MiB, UADDR + MiB, 0)
             ctypes.memset(mem.translate(0, MiB), 0xAA, MiB)
             ctypes.memset(mem.translate(MiB, MiB), 0xBB, MiB)
-            stats = mem.discard(PfnArray.from_list(list(range(250, 262))))  # 6 pages each side
+            stats, _ = _discard_pfns(mem, PfnArray.from_list(list(range(250, 262))))  # 6 pages each side
             assert (stats.ranges, stats.syscalls, stats.bytes_freed) == (2, 2, 12 * PAGE_SIZE)
             assert [allocated(fd) for fd in fds] == [MiB - 6 * PAGE_SIZE] * 2
     finally:
@@ -776,12 +791,12 @@ def test_discard_splits_runs_at_region_boundaries():
 
 def test_discard_range(guest):
     _fill(guest.view, 0, 1024)
-    stats = guest.mem.discard_range(MiB, MiB)
+    stats = guest.mem.discard_ranges(RangeList.from_list([(MiB, MiB)]))
     assert (stats.bytes_freed, stats.syscalls) == (MiB, 1)
     assert allocated(guest.fd) == 3 * MiB
-    stats = guest.mem.discard_range(GUEST_SIZE - PAGE_SIZE, 2 * PAGE_SIZE)
+    stats = guest.mem.discard_ranges(RangeList.from_list([(GUEST_SIZE - PAGE_SIZE, 2 * PAGE_SIZE)]))
     assert (stats.pages_outside, stats.syscalls, stats.bytes_freed) == (2, 0, 0)
-    stats = guest.mem.discard_range(0x800, PAGE_SIZE)
+    stats = guest.mem.discard_ranges(RangeList.from_list([(0x800, PAGE_SIZE)]))
     assert (stats.last_errno, stats.bytes_failed, stats.syscalls) == (errno.EINVAL, PAGE_SIZE, 0)
     assert allocated(guest.fd) == 3 * MiB
     # Read last: reading a hole through a shared mapping allocates it again.
@@ -797,10 +812,10 @@ def test_discard_falls_back_to_madvise_remove_where_fallocate_is_refused():
         mem.add_region(zero, 0, MiB, UADDR, 0)
         host = mem.translate(0, MiB)
         ctypes.memset(host, 0x77, MiB)
-        stats = mem.discard(PfnArray.from_list([4, 5, 6]))
+        stats, _ = _discard_pfns(mem, PfnArray.from_list([4, 5, 6]))
         assert (stats.bytes_freed, stats.ranges, stats.syscalls) == (3 * PAGE_SIZE, 1, 2)
         assert mem.regions[0].discard_method == "madvise"
-        stats = mem.discard(PfnArray.from_list([8, 10]))
+        stats, _ = _discard_pfns(mem, PfnArray.from_list([8, 10]))
         assert (stats.bytes_freed, stats.ranges, stats.syscalls) == (2 * PAGE_SIZE, 2, 2)  # straight to madvise
         data = ctypes.string_at(host, MiB)
         for page in range(256):
@@ -820,7 +835,7 @@ def test_region_refusing_both_methods_is_marked_and_skipped(guest):
         first_sealed = GUEST_SIZE // PAGE_SIZE
         pfns = [1, 2, first_sealed + 1, first_sealed + 2, first_sealed + 9]
 
-        stats = guest.mem.discard(PfnArray.from_list(pfns))
+        stats, _ = _discard_pfns(guest.mem, PfnArray.from_list(pfns))
         assert stats.bytes_freed == 2 * PAGE_SIZE            # the good region still freed
         assert stats.bytes_failed == 3 * PAGE_SIZE
         assert (stats.last_errno, stats.failed_region) == (errno.EPERM, 1)
@@ -828,7 +843,7 @@ def test_region_refusing_both_methods_is_marked_and_skipped(guest):
         assert guest.mem.regions[1].discard_errno == errno.EPERM
         assert allocated(sealed) == MiB and allocated(guest.fd) == 14 * PAGE_SIZE
 
-        stats = guest.mem.discard(PfnArray.from_list([first_sealed + 20, first_sealed + 30]))
+        stats, _ = _discard_pfns(guest.mem, PfnArray.from_list([first_sealed + 20, first_sealed + 30]))
         assert (stats.syscalls, stats.ranges, stats.bytes_failed) == (0, 2, 2 * PAGE_SIZE)
         assert stats.last_errno == errno.EPERM
         assert ctypes.string_at(guest.mem.translate(GUEST_SIZE, MiB), MiB) == b"\x42" * MiB
@@ -849,8 +864,8 @@ def test_discard_sorts_large_batches_correctly(guest):
     rng = random.Random(3)
     values = [rng.getrandbits(32) for _ in range(200_000)] + list(range(5000, 5100))
     pfns = PfnArray.from_list(values)
-    stats = guest.mem.discard(pfns)
-    assert pfns.tolist() == sorted(values)
+    stats, ranges = _discard_pfns(guest.mem, pfns)
+    assert ranges.pfns() == sorted(set(values))  # sorted, each page once
     inside = {v for v in values if v < GUEST_SIZE // PAGE_SIZE}
     assert stats.pages_outside == len(set(values) - inside)
     assert stats.bytes_freed == len(inside) * PAGE_SIZE

@@ -15,21 +15,21 @@ from dataclasses import dataclass
 
 from construct import Int32ul, Struct
 
+from .config_layout import ACTUAL_OFFSET, CONFIG_SIZE, POISON_OFFSET  # the one home of the numbers
+
 CONFIG_LAYOUT = Struct(
     "num_pages" / Int32ul,
     "actual" / Int32ul,
     "free_page_hint_cmd_id" / Int32ul,
     "poison_val" / Int32ul,
 )
-CONFIG_SIZE = CONFIG_LAYOUT.sizeof()  # 16; QEMU's config_size must equal it
+assert CONFIG_LAYOUT.sizeof() == CONFIG_SIZE
 # Read and written once per guest buffer (GET_CONFIG, SET_CONFIG): packed
 # with the struct module, the layout above, checked equal here.
 _CONFIG_FAST = struct.Struct("<IIII")
 assert CONFIG_LAYOUT.parse(_CONFIG_FAST.pack(1, 2, 3, 4)) == dict(
     num_pages=1, actual=2, free_page_hint_cmd_id=3, poison_val=4
 )
-ACTUAL_OFFSET = 4
-POISON_OFFSET = 12
 
 
 class ConfigAccessError(ValueError):

@@ -44,17 +44,15 @@ import trio
 
 from ..device.balloon import BalloonDevice, FeatureError, plain_actual_step
 from ..device.config import ACTUAL_OFFSET, CONFIG_SIZE, ConfigAccessError
-from ..device.queues import MAX_QUEUES, QueueRole
+from ..device.queues import MAX_QUEUES, SPECS, Direction, QueueRole
 from ..device.hugepages import FlushPolicy, HugePageTracker, HugePolicy
 from ..device.reporting import ReportPlan
 from ..native import (
-    PAGE_SHIFT,
     PAGE_SIZE,
     FrontReader,
     GuestMemory,
     MemoryTableError,
     NativeLock,
-    PfnArray,
     QueueWorker,
     RangeList,
     RingError,
@@ -62,7 +60,7 @@ from ..native import (
     WorkerCounters,
 )
 from ..vhost_user import connection as vu
-from ..vhost_user.constants import VHOST_USER_F_PROTOCOL_FEATURES, BackendRequest, ProtocolFeature
+from ..vhost_user.constants import MAX_MEM_SLOTS, VHOST_USER_F_PROTOCOL_FEATURES, BackendRequest, ProtocolFeature
 from ..vhost_user.errors import ProtocolError
 from .persist import SessionPersistence
 from .transport import FdStream, close_fds
@@ -74,7 +72,6 @@ log = structlog.get_logger("vhostballoon.session")
 # RESET_DEVICE, STATUS); none of it claims migration support (no LOG_SHMFD,
 # DEVICE_STATE or POSTCOPY).
 PROTOCOL_FEATURES = int(vu.SUPPORTED_PROTOCOL_FEATURES)
-MAX_MEM_SLOTS = 32  # csrc/vb.h: vb_mem holds 32 regions
 BACKEND_REPLY_TIMEOUT = 5.0  # seconds to wait for the front-end's ack of CONFIG_CHANGE_MSG
 # Reporting buffers with invalid entries logged per connection; later ones are only counted.
 INVALID_REPORT_LOG_LIMIT = 20
@@ -491,11 +488,9 @@ class FrontendSession:
         """Mark every page as out of the balloon (memory lock held). Nothing
         is freed; pending pages leave the tracker like deflated ones."""
         released = self.memory.ballooned_pages
-        for r in self.memory.regions:
-            first = r.gpa >> PAGE_SHIFT
-            every_page = PfnArray.from_list(range(first, first + (r.size >> PAGE_SHIFT)))
-            update = self.memory.balloon_update(every_page, inflate=False)
-            self.huge.deflated(update.changed)
+        every_page = RangeList.from_list([(r.gpa, r.size) for r in self.memory.regions])
+        self.memory.balloon_update(every_page, inflate=False, want_changed=False)
+        self.huge.deflated(every_page)
         self.persist.snapshot("balloon emptied")
         return released
 
@@ -578,7 +573,8 @@ class FrontendSession:
         if role in (QueueRole.INFLATE, QueueRole.DEFLATE):
             try:
                 q.worker = QueueWorker(
-                    self.memory, self.memory_lock.native, q.vq, inflate=role is QueueRole.INFLATE,
+                    self.memory, self.memory_lock.native, q.vq, format=SPECS[role].format,
+                    inflate=SPECS[role].direction is Direction.INFLATE, journal_kind=SPECS[role].journal_kind,
                     kick_fd=q.kick_fd, call_fd=q.call_fd, notify_fd=self._notify_fd,
                     flush_pages=flush_threshold_pages(self.huge.policy),
                     journal=self.persist.native_journal,
