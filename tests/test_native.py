@@ -14,8 +14,10 @@ import fcntl
 import mmap
 import os
 import random
+import re
 import struct
 from array import array
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +32,7 @@ from vhostballoon.native import (
     Virtqueue,
 )
 
+REPO_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 MiB = 1 << 20
 GUEST_SIZE = 64 * MiB
 UADDR = 0x7F0000000000  # the front-end's (fake) address of guest RAM
@@ -971,3 +974,160 @@ def test_restore_position_keeps_a_held_buffer_out_of_the_used_ring(guest):
     assert vq.position == (2, 1) and vq.pop_ranges(guest.mem, writable=False) == []
     vq.push_used([h1])
     assert ring.used_idx() == 2 and ring.used_elem(1) == (h1, 0)
+
+
+# ---- sinks: buffers -> ranges (PFN32, EXTENTS), and what follows on ranges ------
+
+
+def test_generated_header_matches_the_python_sources():
+    """csrc/vb_gen.h (and the module built from it) carry the numbers of the
+    Python modules that own them; a stale header or build fails here."""
+    from vhostballoon._native import ffi, lib
+    from vhostballoon.device import config_layout
+    from vhostballoon.device.config import CONFIG_LAYOUT
+    from vhostballoon.device.journal_kinds import JournalKind
+    from vhostballoon.device.queues import BufferFormat
+    from vhostballoon.vhost_user import constants as c
+
+    want = {
+        "VB_VHOST_USER_HEADER_SIZE": c.HEADER_SIZE,
+        "VB_VHOST_USER_REQ_GET_CONFIG": c.Request.GET_CONFIG,
+        "VB_VHOST_USER_REQ_SET_CONFIG": c.Request.SET_CONFIG,
+        "VB_VHOST_USER_F_VERSION": c.VERSION,
+        "VB_VHOST_USER_F_REPLY": c.REPLY,
+        "VB_VHOST_USER_F_NEED_REPLY": c.NEED_REPLY,
+        "VB_VHOST_USER_MAX_FDS": c.MAX_FDS,
+        "VB_VHOST_USER_CONFIG_HEADER_SIZE": c.CONFIG_HEADER_SIZE,
+        "VB_MAX_MEM_REGIONS": c.MAX_MEM_SLOTS,
+        "VB_CONFIG_SIZE": config_layout.CONFIG_SIZE,
+        "VB_CONFIG_OFF_NUM_PAGES": config_layout.NUM_PAGES_OFFSET,
+        "VB_CONFIG_OFF_ACTUAL": config_layout.ACTUAL_OFFSET,
+        "VB_CONFIG_OFF_FREE_PAGE_HINT_CMD_ID": config_layout.FREE_PAGE_HINT_CMD_ID_OFFSET,
+        "VB_CONFIG_OFF_POISON": config_layout.POISON_OFFSET,
+        **{f"VB_JOURNAL_{k.name}": int(k) for k in JournalKind},
+        **{f"VB_FORMAT_{f.name}": int(f) for f in BufferFormat},
+    }
+    text = (REPO_CSRC / "vb_gen.h").read_text()
+    header = {m[0]: int(m[1]) for m in re.findall(r"^#define (VB_\w+) (\d+)", text, re.M)}
+    assert header == want
+    assert {name: getattr(lib, name) for name in want} == want  # the built module too
+    assert len(ffi.new("vb_mem *").regions) == c.MAX_MEM_SLOTS  # the table's size
+    # The construct layout and the plain numbers agree.
+    offsets = {"num_pages": 0, "actual": 0, "free_page_hint_cmd_id": 0, "poison_val": 0}
+    at = 0
+    for sub in CONFIG_LAYOUT.subcons:
+        offsets[sub.name] = at
+        at += sub.sizeof()
+    assert (offsets["num_pages"], offsets["actual"], offsets["free_page_hint_cmd_id"], offsets["poison_val"], at) == (
+        config_layout.NUM_PAGES_OFFSET, config_layout.ACTUAL_OFFSET, config_layout.FREE_PAGE_HINT_CMD_ID_OFFSET,
+        config_layout.POISON_OFFSET, config_layout.CONFIG_SIZE)
+
+
+def test_pfn32_sink_turns_each_buffer_into_ranges_in_order(guest):
+    ring = DriverRing(guest, 16)
+    vq = Virtqueue(0)
+    ring.setup(vq)
+    ring.add_buffer([5, 6, 7, 9, 9, 10, 0xFFFFFFFF])
+    ring.add_buffer([11, 12])  # continues buffer 1's last range, but buffers are not joined
+    got = vq.pop_pfn32(guest.mem)
+    assert got.heads == [0, 1] and got.items == 9 and got.refused == 0
+    assert got.ranges.tolist() == [
+        (5 * PAGE_SIZE, 3 * PAGE_SIZE), (9 * PAGE_SIZE, PAGE_SIZE), (9 * PAGE_SIZE, 2 * PAGE_SIZE),
+        (0xFFFFFFFF * PAGE_SIZE, PAGE_SIZE), (11 * PAGE_SIZE, 2 * PAGE_SIZE),
+    ]
+    # The ranges, page by page, are exactly what the guest wrote.
+    assert got.ranges.pfns() == [5, 6, 7, 9, 9, 10, 0xFFFFFFFF, 11, 12]
+    up = guest.mem.balloon_update(got.ranges, inflate=True)
+    assert up.changed.pfns() == [5, 6, 7, 9, 10, 11, 12]
+    assert (up.n_invalid, up.first_invalid, up.n_unchanged, up.first_unchanged) == (1, 0xFFFFFFFF, 1, 9)
+
+
+def test_pfn32_ranges_stop_at_a_region_end():
+    fds = [new_memfd(MiB), new_memfd(MiB)]
+    try:
+        with GuestMemory() as mem:
+            mem.add_region(os.dup(fds[0]), 0, MiB, UADDR, 0)
+            mem.add_region(os.dup(fds[1]), MiB, MiB, UADDR + MiB, 0)
+            ranges = RangeList.from_pfns(list(range(254, 259)), mem)
+            assert ranges.tolist() == [(254 * PAGE_SIZE, 2 * PAGE_SIZE), (256 * PAGE_SIZE, 3 * PAGE_SIZE)]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_extents_sink_refuses_bad_ranges_names_the_first_and_still_takes_the_buffer(guest):
+    ring = DriverRing(guest, 64)
+    vq = Virtqueue(0)
+    ring.setup(vq, indirect=True)
+    good = [(2 * MiB, 2 * MiB), (8 * MiB, PAGE_SIZE)]
+    bad = [
+        (0x1800, PAGE_SIZE),                    # unaligned
+        (4 * MiB, 0),                           # empty
+        (GUEST_SIZE - PAGE_SIZE, 2 * PAGE_SIZE),  # past the end of guest memory
+        ((1 << 64) - PAGE_SIZE, 2 * PAGE_SIZE),  # wraps
+        (3 * MiB, PAGE_SIZE),                   # inside the first good range
+    ]
+    h1 = _add_ranges(ring, good[:1] + bad + good[1:], flags=0, indirect=True)
+    h2 = _add_ranges(ring, [(2 * MiB, PAGE_SIZE)], flags=0)  # overlaps buffer 1, not its own: kept
+    got = vq.pop_extents(guest.mem)
+    assert got.heads == [h1, h2] and got.items == 8
+    assert got.ranges.tolist() == good + [(2 * MiB, PAGE_SIZE)]
+    assert got.refused == 5 and got.first_refused == (0x1800, PAGE_SIZE)
+    assert got.first_refused_why == "not 4 KiB aligned"
+    assert vq.pending() == 0  # the buffers are taken: they go back (used len 0) with the rest
+    for segment, why in zip(bad[1:], ["empty", "not inside one region of guest memory", "wraps around",
+                                     "overlaps another range of the buffer"]):
+        _add_ranges(ring, [(2 * MiB, 2 * MiB), segment], flags=0)
+        got = vq.pop_extents(guest.mem)
+        assert (got.refused, got.first_refused, got.first_refused_why) == (1, segment, why)
+        assert got.ranges.tolist() == [(2 * MiB, 2 * MiB)]
+    assert guest.mem.ballooned_pages == 0
+
+
+def test_extents_sink_treats_a_device_writable_descriptor_as_a_malformed_ring(guest):
+    ring = DriverRing(guest, 16)
+    vq = Virtqueue(2)
+    ring.setup(vq)
+    _add_ranges(ring, [(2 * MiB, PAGE_SIZE)], flags=F_WRITE)
+    with pytest.raises(RingError, match="queue 2: head 0: descriptor 0 is device-writable"):
+        vq.pop_extents(guest.mem)
+    assert vq.last_avail_idx == 0
+
+
+def test_whole_inflate_refuses_a_range_already_partly_in_the_balloon(guest):
+    mem = guest.mem
+    mem.balloon_update(RangeList.from_list([(MiB + 5 * PAGE_SIZE, PAGE_SIZE)]), inflate=True)
+    up = mem.balloon_update(RangeList.from_list([(MiB, 64 * PAGE_SIZE), (4 * MiB, 2 * PAGE_SIZE)]),
+                            inflate=True, whole=True)
+    assert up.refused == 1 and up.changed.tolist() == [(4 * MiB, 2 * PAGE_SIZE)]
+    assert mem.ballooned_pages == 3 and mem.ballooned_in_range(MiB, 64 * PAGE_SIZE) == 1
+
+
+def test_deflate_of_a_sub_range_of_an_inflated_range(guest):
+    mem = guest.mem
+    mem.configure_huge_pages(0, 2 * MiB, "shmem", True)
+    inflated = RangeList.from_list([(4 * MiB, MiB)])  # half a huge page: pending
+    up = mem.balloon_update(inflated, inflate=True, whole=True)
+    assert len(mem.track_inflate(up.changed)) == 0 and mem.pending_bytes == MiB
+    back = RangeList.from_list([(4 * MiB + 64 * PAGE_SIZE, 16 * PAGE_SIZE)])
+    up = mem.balloon_update(back, inflate=False, whole=True)
+    assert up.changed.tolist() == back.tolist()
+    assert mem.track_deflate(back) == 16
+    assert mem.ballooned_pages == 240 and mem.pending_bytes == 240 * PAGE_SIZE
+    assert mem.collect_pending().tolist() == [(4 * MiB, 64 * PAGE_SIZE), (4 * MiB + 80 * PAGE_SIZE, 176 * PAGE_SIZE)]
+
+
+def test_a_range_covering_whole_huge_pages_frees_them_whole_without_a_split(guest):
+    mem = guest.mem
+    mem.configure_huge_pages(0, 2 * MiB, "shmem", True)
+    _fill(guest.view, 0, 12 * MiB // PAGE_SIZE)
+    before = allocated(guest.fd)
+    # 2 MiB-aligned 4 MiB plus 64 KiB on each side: two whole huge pages, two partial.
+    given = RangeList.from_list([(4 * MiB - 16 * PAGE_SIZE, 4 * MiB + 32 * PAGE_SIZE)])
+    up = mem.balloon_update(given, inflate=True, whole=True)
+    ranges = mem.track_inflate(up.changed)
+    assert ranges.tolist() == [(4 * MiB, 4 * MiB)]
+    stats = mem.discard_ranges(ranges)
+    assert (stats.huge_pages_whole, stats.splits, stats.syscalls) == (2, 0, 1)
+    assert before - allocated(guest.fd) == 4 * MiB
+    assert mem.pending_bytes == 32 * PAGE_SIZE  # the partial pieces wait for their huge pages
