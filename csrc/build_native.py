@@ -4,13 +4,15 @@ setuptools runs it through ``cffi_modules`` in setup.py; running it directly
 (``python csrc/build_native.py``) builds the module into the current
 directory, which is handy when working on the C.
 
-The cdef is the part of each header between the CDEF markers, so the C
-declarations are written once.  ``vb_gen.h`` is generated here, each build,
-from the Python modules that own the numbers the C side needs (vhost-user
-request codes and flags, the config layout, ...): no constant is written
-twice.  Those modules use the standard library only, because pip builds in
-an isolated environment that has only the build requirements; they are
-loaded by path.
+Two things are written once and read from here:
+
+- The C declarations: the cdef is the part between the CDEF markers of
+  each header in ``HEADERS`` (in that order; a header that does not exist
+  yet is skipped).
+- The numbers the C side shares with Python: ``vb_gen.h`` is generated on
+  every build from the Python modules that own them (``GENERATED``), loaded
+  by file path because pip builds in isolation, with only setuptools,
+  wheel and cffi installed: those modules use the standard library only.
 """
 
 import importlib.util
@@ -22,68 +24,88 @@ import cffi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGE = os.path.join(os.path.dirname(HERE), "vhostballoon")
-C_FILES = ["mem.c", "vring.c", "discard.c", "track.c", "serve.c", "persist.c", "front.c", "config.c"]
-# Headers with a CDEF block, in the order cffi must read them.
-CDEF_HEADERS = ["vb_config.h", "vb.h"]
-HEADERS = [*CDEF_HEADERS, "vb_internal.h", "vb_gen.h"]
-GENERATED = os.path.join(HERE, "vb_gen.h")
+C_FILES = [
+    # core: knows guest memory, rings, ranges, tracking, discard, the journal
+    "mem.c", "ranges.c", "vring.c", "track.c", "discard.c", "persist.c",
+    # runtime: threads and the socket, handed its numbers by vb_gen.h
+    "serve.c", "front.c", "config.c",
+]
+# The cdef, in this order: a header's declarations may use the ones before.
+HEADERS = ["vb_core.h", "vb_config.h", "vb_runtime.h"]
+INTERNAL_HEADERS = ["vb_internal.h", "vb_runtime_internal.h"]
+GENERATED_HEADER = "vb_gen.h"
 
 
-def load_source(relpath: str):
-    """A module of the package, loaded by path (no package import)."""
+def _load(name: str, relpath: str):
+    """A stdlib-only module of the package, by file path (no package import)."""
     path = os.path.join(PACKAGE, relpath)
-    name = "_vb_build_" + relpath.replace("/", "_").removesuffix(".py")
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+    sys.modules[name] = module  # queues.py imports features / journal_kinds by plain name here
     spec.loader.exec_module(module)
     return module
 
 
-def generated_constants() -> dict[str, int]:
-    """Name -> value of everything vb_gen.h defines, from its Python owner."""
-    vu = load_source("vhost_user/constants.py")
-    config = load_source("device/config.py")
-    values = {
-        # vhostballoon/vhost_user/constants.py
-        "VB_VU_GET_CONFIG": int(vu.Request.GET_CONFIG),
-        "VB_VU_SET_CONFIG": int(vu.Request.SET_CONFIG),
-        "VB_VU_VERSION": vu.VERSION,
-        "VB_VU_REPLY": vu.REPLY,
-        "VB_VU_NEED_REPLY": vu.NEED_REPLY,
-        "VB_VU_HEADER_SIZE": vu.HEADER_SIZE,
-        "VB_VU_CONFIG_HEADER_SIZE": vu.CONFIG_HEADER_SIZE,
-        "VB_VU_MAX_FDS": vu.MAX_FDS,
-        # vhostballoon/device/config.py
-        "VB_CONFIG_SIZE": config.CONFIG_SIZE,
-    }
-    for field, offset in config.CONFIG_OFFSETS.items():
-        short = {"poison_val": "POISON"}.get(field, field.upper())
-        values[f"VB_CONFIG_OFF_{short}"] = offset
-    return values
+def generated_defines() -> list[tuple[str, int, str]]:
+    """(name, value, source) of every number vb_gen.h carries."""
+    saved = dict(sys.modules)
+    try:
+        constants = _load("constants", "vhost_user/constants.py")
+        layout = _load("config_layout", "device/config_layout.py")
+        _load("features", "device/features.py")
+        kinds = _load("journal_kinds", "device/journal_kinds.py")
+        queues = _load("queues", "device/queues.py")
+    finally:
+        sys.modules.clear()
+        sys.modules.update(saved)
+    src_c = "vhostballoon/vhost_user/constants.py"
+    src_l = "vhostballoon/device/config_layout.py"
+    out = [
+        ("VB_VHOST_USER_HEADER_SIZE", constants.HEADER_SIZE, src_c),
+        ("VB_VHOST_USER_REQ_GET_CONFIG", int(constants.Request.GET_CONFIG), src_c),
+        ("VB_VHOST_USER_REQ_SET_CONFIG", int(constants.Request.SET_CONFIG), src_c),
+        ("VB_VHOST_USER_F_VERSION", constants.VERSION, src_c),
+        ("VB_VHOST_USER_F_REPLY", constants.REPLY, src_c),
+        ("VB_VHOST_USER_F_NEED_REPLY", constants.NEED_REPLY, src_c),
+        ("VB_VHOST_USER_MAX_FDS", constants.MAX_FDS, src_c),
+        ("VB_VHOST_USER_CONFIG_HEADER_SIZE", constants.CONFIG_HEADER_SIZE, src_c),
+        ("VB_MAX_MEM_REGIONS", constants.MAX_MEM_SLOTS, src_c),
+        ("VB_CONFIG_SIZE", layout.CONFIG_SIZE, src_l),
+        ("VB_CONFIG_OFF_NUM_PAGES", layout.NUM_PAGES_OFFSET, src_l),
+        ("VB_CONFIG_OFF_ACTUAL", layout.ACTUAL_OFFSET, src_l),
+        ("VB_CONFIG_OFF_FREE_PAGE_HINT_CMD_ID", layout.FREE_PAGE_HINT_CMD_ID_OFFSET, src_l),
+        ("VB_CONFIG_OFF_POISON", layout.POISON_OFFSET, src_l),
+    ]
+    out += [(f"VB_JOURNAL_{k.name}", int(k), "vhostballoon/device/journal_kinds.py") for k in kinds.JournalKind]
+    out += [(f"VB_FORMAT_{f.name}", int(f), "vhostballoon/device/queues.py") for f in queues.BufferFormat]
+    return out
 
 
-def write_generated_header(path: str = GENERATED) -> None:
-    lines = [
-        "/* Generated by csrc/build_native.py from the Python modules that own",
-        " * these numbers; do not edit (rebuilt on every build). */",
+def write_generated_header(path: str) -> str:
+    """Writes vb_gen.h (only when its text changes, so make-like tools do
+    not rebuild for nothing); returns its #define lines for the cdef."""
+    defines = generated_defines()
+    lines = [f"#define {name} {value}" for name, value, _ in defines]
+    text = "\n".join([
+        "/* Generated by csrc/build_native.py from the Python sources named below; do not edit",
+        " * (regenerated on every build, not in git). */",
         "#ifndef VB_GEN_H",
         "#define VB_GEN_H",
         "",
-        *(f"#define {name} {value}" for name, value in generated_constants().items()),
+        *(f"{line}  /* {source} */" for line, (_, _, source) in zip(lines, defines)),
         "",
         "#endif",
         "",
-    ]
-    text = "\n".join(lines)
+    ])
     try:
         with open(path, encoding="utf-8") as f:
-            if f.read() == text:
-                return  # unchanged: keep its timestamp
+            same = f.read() == text
     except FileNotFoundError:
-        pass
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+        same = False
+    if not same:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return "\n".join(lines) + "\n"
 
 
 def read_cdef(header_path: str) -> str:
@@ -102,17 +124,22 @@ def _rel(path: str) -> str:
     return os.path.relpath(path)
 
 
-write_generated_header()
+def _present(names: list[str]) -> list[str]:
+    return [name for name in names if os.path.exists(os.path.join(HERE, name))]
+
+
+headers = _present(HEADERS)
 ffibuilder = cffi.FFI()
-ffibuilder.cdef("".join(read_cdef(os.path.join(HERE, name)) for name in CDEF_HEADERS))
-# The generated numbers, readable from Python as lib.NAME (their value comes from vb_gen.h).
-ffibuilder.cdef("\n".join(f"#define {name} ..." for name in generated_constants()))
+ffibuilder.cdef(
+    write_generated_header(os.path.join(HERE, GENERATED_HEADER))
+    + "".join(read_cdef(os.path.join(HERE, name)) for name in headers)
+)
 ffibuilder.set_source(
     "vhostballoon._native",
-    '#include "vb_gen.h"\n#include "vb_config.h"\n#include "vb.h"',
-    sources=[_rel(os.path.join(HERE, name)) for name in C_FILES],
+    "".join(f'#include "{name}"\n' for name in headers),
+    sources=[_rel(os.path.join(HERE, name)) for name in _present(C_FILES)],
     include_dirs=[_rel(HERE)],
-    depends=[_rel(os.path.join(HERE, name)) for name in HEADERS],
+    depends=[_rel(os.path.join(HERE, name)) for name in _present(headers + INTERNAL_HEADERS + [GENERATED_HEADER])],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra"],
 )
 

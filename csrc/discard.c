@@ -11,6 +11,7 @@
  * Runs in a worker thread while the event loop uses the virtqueues; it only
  * writes the per-region discard_method/discard_errno fields and the
  * huge_cut bitmap (which nothing else reads while a discard may run).
+ * Uses mem.c only.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -22,93 +23,6 @@
 #include <time.h>
 
 #include "vb_internal.h"
-
-/* ---- sorting ------------------------------------------------------------ */
-
-#define RADIX_BITS 11
-#define RADIX_BUCKETS (1u << RADIX_BITS)
-#define RADIX_PASSES 3          /* 3 * 11 >= 32 */
-#define INSERTION_SORT_MAX 48
-
-static int cmp_u32(const void *a, const void *b)
-{
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-
-    return (x > y) - (x < y);
-}
-
-static void insertion_sort(uint32_t *a, uint32_t n)
-{
-    for (uint32_t i = 1; i < n; i++) {
-        uint32_t v = a[i], j = i;
-
-        while (j > 0 && a[j - 1] > v) {
-            a[j] = a[j - 1];
-            j--;
-        }
-        a[j] = v;
-    }
-}
-
-/* LSD radix sort, 11 bits per pass; a pass whose digit is the same for
- * every key (typical for the high bits of PFNs of a small guest) is
- * skipped.  Balloon batches reach a few hundred thousand PFNs, where this
- * is several times faster than qsort. */
-void vb_sort_u32(uint32_t *a, uint32_t n)
-{
-    static const unsigned shifts[RADIX_PASSES] = {0, RADIX_BITS, 2 * RADIX_BITS};
-    uint32_t (*count)[RADIX_BUCKETS];
-    uint32_t *tmp, *src, *dst;
-    uint32_t i;
-    int p;
-
-    if (n <= INSERTION_SORT_MAX) {
-        insertion_sort(a, n);
-        return;
-    }
-    tmp = malloc((size_t)n * sizeof(uint32_t));
-    count = calloc(RADIX_PASSES, sizeof(*count));
-    if (tmp == NULL || count == NULL) {
-        free(tmp);
-        free(count);
-        qsort(a, n, sizeof(uint32_t), cmp_u32);
-        return;
-    }
-    for (i = 0; i < n; i++) {
-        for (p = 0; p < RADIX_PASSES; p++) {
-            count[p][(a[i] >> shifts[p]) & (RADIX_BUCKETS - 1)]++;
-        }
-    }
-    src = a;
-    dst = tmp;
-    for (p = 0; p < RADIX_PASSES; p++) {
-        uint32_t *c = count[p];
-        uint32_t sum = 0, b;
-
-        if (c[(src[0] >> shifts[p]) & (RADIX_BUCKETS - 1)] == n) {
-            continue;
-        }
-        for (b = 0; b < RADIX_BUCKETS; b++) {
-            uint32_t cnt = c[b];
-
-            c[b] = sum;
-            sum += cnt;
-        }
-        for (i = 0; i < n; i++) {
-            uint32_t v = src[i];
-
-            dst[c[(v >> shifts[p]) & (RADIX_BUCKETS - 1)]++] = v;
-        }
-        uint32_t *t = src;
-        src = dst;
-        dst = t;
-    }
-    if (src != a) {
-        memcpy(a, src, (size_t)n * sizeof(uint32_t));
-    }
-    free(tmp);
-    free(count);
-}
 
 /* ---- freeing ------------------------------------------------------------ */
 
@@ -274,52 +188,7 @@ static int free_range(vb_mem *mem, int idx, uint64_t off, uint64_t len, vb_disca
     return -1;
 }
 
-int vb_discard_pfns(vb_mem *mem, uint32_t *pfns, uint32_t n, vb_discard_stats *st)
-{
-    uint32_t k = 0;
-    int rc = 0;
-
-    stats_init(st);
-    vb_sort_u32(pfns, n);
-    while (k < n) {
-        uint32_t first = pfns[k];
-        uint64_t gpa = (uint64_t)first << VB_PAGE_SHIFT;
-        uint64_t end, region_end;
-        int idx = vb_mem_find_gpa(mem, gpa);
-        const vb_region *r;
-
-        if (idx < 0) {
-            st->pages_outside++;
-            while (k < n && pfns[k] == first) {
-                k++;
-            }
-            continue;
-        }
-        r = &mem->regions[idx];
-        /* Page numbers, exclusive end; a range never crosses a region end
-         * because the next region's fd is another file (or another
-         * offset in it). */
-        region_end = (r->gpa + r->size) >> VB_PAGE_SHIFT;
-        end = (uint64_t)first + 1;
-        for (k++; k < n; k++) {
-            uint64_t p = pfns[k];
-
-            if (p == end - 1) {
-                continue;       /* duplicate */
-            }
-            if (p != end || end >= region_end) {
-                break;
-            }
-            end++;
-        }
-        if (free_range(mem, idx, gpa - r->gpa, (end - first) << VB_PAGE_SHIFT, st) < 0) {
-            rc = -1;
-        }
-    }
-    return rc;
-}
-
-/* One range of vb_discard_range / vb_discard_ranges; st accumulates. */
+/* One range of vb_discard_ranges; st accumulates. */
 static int discard_one_range(vb_mem *mem, uint64_t gpa, uint64_t len, vb_discard_stats *st)
 {
     int idx;
@@ -339,13 +208,6 @@ static int discard_one_range(vb_mem *mem, uint64_t gpa, uint64_t len, vb_discard
     }
     r = &mem->regions[idx];
     return free_range(mem, idx, gpa - r->gpa, len, st);
-}
-
-int vb_discard_range(vb_mem *mem, uint64_t gpa, uint64_t len, vb_discard_stats *st)
-{
-
-    stats_init(st);
-    return discard_one_range(mem, gpa, len, st);
 }
 
 static int discard_ranges_now(vb_mem *mem, const vb_range *ranges, uint32_t n, vb_discard_stats *st);

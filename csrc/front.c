@@ -46,15 +46,14 @@
 #include <unistd.h>
 
 #include "vb_config.h"
-#include "vb_gen.h"
-#include "vb_internal.h"
+#include "vb_runtime_internal.h"
 
+/* The protocol's numbers and the config layout come from the Python
+ * sources through vb_gen.h (vhost_user/constants.py, device/config_layout.py). */
 #define FRONT_BUF 65536
-/* The vhost-user numbers come from vhostballoon/vhost_user/constants.py and
- * the config layout from vhostballoon/device/config.py (vb_gen.h). */
-#define FRONT_MAX_FDS VB_VU_MAX_FDS
-#define HDR VB_VU_HEADER_SIZE
-#define CFG_HDR VB_VU_CONFIG_HEADER_SIZE
+#define FRONT_MAX_FDS VB_VHOST_USER_MAX_FDS
+#define HDR VB_VHOST_USER_HEADER_SIZE
+#define CFG_HDR VB_VHOST_USER_CONFIG_HEADER_SIZE
 #define CFG_SIZE VB_CONFIG_SIZE
 
 struct vb_front {
@@ -140,10 +139,10 @@ static size_t hot_length(const uint8_t *p, size_t len)
     request = le32(p);
     flags = le32(p + 4);
     size = le32(p + 8);
-    if (request != VB_VU_GET_CONFIG && request != VB_VU_SET_CONFIG) {
+    if (request != VB_VHOST_USER_REQ_GET_CONFIG && request != VB_VHOST_USER_REQ_SET_CONFIG) {
         return 0;
     }
-    if ((flags != VB_VU_VERSION && flags != (VB_VU_VERSION | VB_VU_NEED_REPLY)) || size != CFG_HDR + CFG_SIZE ||
+    if ((flags != VB_VHOST_USER_F_VERSION && flags != (VB_VHOST_USER_F_VERSION | VB_VHOST_USER_F_NEED_REPLY)) || size != CFG_HDR + CFG_SIZE ||
         len < HDR + (size_t)size) {
         return 0;
     }
@@ -159,9 +158,9 @@ static int answer(vb_front *f, const uint8_t *msg)
     uint8_t reply[HDR + CFG_HDR + CFG_SIZE];
     uint32_t request = le32(msg), flags = le32(msg + 4);
 
-    if (request == VB_VU_GET_CONFIG) {
-        put32(reply, VB_VU_GET_CONFIG);
-        put32(reply + 4, VB_VU_VERSION | VB_VU_REPLY);
+    if (request == VB_VHOST_USER_REQ_GET_CONFIG) {
+        put32(reply, VB_VHOST_USER_REQ_GET_CONFIG);
+        put32(reply + 4, VB_VHOST_USER_F_VERSION | VB_VHOST_USER_F_REPLY);
         put32(reply + 8, CFG_HDR + CFG_SIZE);
         put32(reply + HDR, 0);
         put32(reply + HDR + 4, CFG_SIZE);
@@ -183,9 +182,9 @@ static int answer(vb_front *f, const uint8_t *msg)
             return 0;
         }
         __atomic_add_fetch(&f->c.config_writes, 1, __ATOMIC_RELAXED);
-        if (flags & VB_VU_NEED_REPLY) {
-            put32(reply, VB_VU_SET_CONFIG);
-            put32(reply + 4, VB_VU_VERSION | VB_VU_REPLY);
+        if (flags & VB_VHOST_USER_F_NEED_REPLY) {
+            put32(reply, VB_VHOST_USER_REQ_SET_CONFIG);
+            put32(reply + 4, VB_VHOST_USER_F_VERSION | VB_VHOST_USER_F_REPLY);
             put32(reply + 8, 8);
             memset(reply + HDR, 0, 8);
             if (send_all(f, reply, HDR + 8) < 0) {

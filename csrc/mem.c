@@ -1,7 +1,12 @@
 /*
  * Guest memory table: the regions the front-end shares with us, mapped
  * MAP_SHARED so that what we read is what the guest wrote, plus the
- * per-page "ballooned" bitmap of each region.
+ * per-page "ballooned" bitmap of each region and its update by ranges.
+ *
+ * The bottom of the core: every other core file uses this one, this one
+ * uses none of them.  It owns every array hanging off a vb_region (the
+ * tracker's too: vb_region_drop_tracking), so that a region goes away here
+ * in one place.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -19,6 +24,21 @@ vb_mem *vb_mem_new(void)
     return calloc(1, sizeof(vb_mem));
 }
 
+void vb_region_drop_tracking(vb_region *r)
+{
+    free(r->huge_ballooned);
+    free(r->huge_pending);
+    free(r->tracked);
+    free(r->pending);
+    free(r->huge_cut);
+    r->huge_ballooned = r->huge_pending = NULL;
+    r->tracked = r->pending = r->huge_cut = NULL;
+    r->granule = VB_PAGE_SIZE;
+    r->huge_first = r->nhuge = 0;
+    r->pending_pages = 0;
+    r->pending_since_ns = 0;
+}
+
 static void region_release(vb_region *r)
 {
     if (r->host != NULL) {
@@ -28,7 +48,7 @@ static void region_release(vb_region *r)
         close(r->fd);
     }
     free(r->ballooned);
-    vb_track_release(r);
+    vb_region_drop_tracking(r);
     memset(r, 0, sizeof(*r));
     r->fd = -1;
 }
@@ -92,10 +112,10 @@ int vb_mem_add(vb_mem *mem, int fd, uint64_t gpa, uint64_t size,
         vb_seterr(err, errlen, "region gpa 0x%" PRIx64 ": bad fd %d", gpa, fd);
         return -1;
     }
-    if (mem->nregions >= VB_MAX_REGIONS) {
+    if (mem->nregions >= VB_MAX_MEM_REGIONS) {
         vb_seterr(err, errlen,
                   "region gpa 0x%" PRIx64 " size 0x%" PRIx64 ": memory table full (%d regions)",
-                  gpa, size, VB_MAX_REGIONS);
+                  gpa, size, VB_MAX_MEM_REGIONS);
         return -1;
     }
     for (i = 0; i < mem->nregions; i++) {
@@ -264,52 +284,162 @@ void *vb_mem_uaddr_to_host(const vb_mem *mem, uint64_t uaddr, uint64_t len)
     return NULL;
 }
 
-/* ---- balloon page tracking --------------------------------------------- */
+/* ---- the ballooned bitmap, by ranges ------------------------------------ */
 
-uint32_t vb_balloon_update(vb_mem *mem, const uint32_t *pfns, uint32_t n, int inflate,
-                           uint32_t *changed, uint32_t *n_invalid,
-                           uint32_t *first_invalid, uint32_t *n_unchanged)
+/* Mask of bits [lo, hi) of one word, 0 <= lo < hi <= 64. */
+static inline uint64_t word_mask(uint64_t lo, uint64_t hi)
 {
-    uint32_t k, nchanged = 0, ninvalid = 0, nunchanged = 0;
+    uint64_t m = hi - lo == 64 ? ~(uint64_t)0 : (((uint64_t)1 << (hi - lo)) - 1);
+
+    return m << lo;
+}
+
+/* Pages of bm in [p, end) that are set. */
+static uint64_t count_set(const uint64_t *bm, uint64_t p, uint64_t end)
+{
+    uint64_t count = 0;
+
+    while (p < end) {
+        uint64_t bit = p % 64, take = 64 - bit < end - p ? 64 - bit : end - p;
+
+        count += (uint64_t)__builtin_popcountll(bm[p / 64] & word_mask(bit, bit + take));
+        p += take;
+    }
+    return count;
+}
+
+/* Index of the first region starting after gpa (regions are sorted), or
+ * nregions: where pages outside guest memory end. */
+static uint64_t next_region_start(const vb_mem *mem, uint64_t gpa, uint64_t end)
+{
+    for (uint32_t i = 0; i < mem->nregions; i++) {
+        if (mem->regions[i].gpa > gpa) {
+            return mem->regions[i].gpa < end ? mem->regions[i].gpa : end;
+        }
+    }
+    return end;
+}
+
+/* Appends a run of flipped pages to changed[], continuing the last range
+ * when it goes on from it within the same region (not fresh). */
+static void emit(vb_range *changed, uint32_t *nc, uint64_t gpa, uint64_t len, int *fresh)
+{
+    if (changed == NULL) {
+        return;
+    }
+    if (!*fresh && *nc > 0 && changed[*nc - 1].gpa + changed[*nc - 1].len == gpa) {
+        changed[*nc - 1].len += len;   /* the same run of pages, continued */
+        return;
+    }
+    changed[(*nc)++] = (vb_range){gpa, len};
+    *fresh = 0;
+}
+
+/* Pages [p, end) of region r: flip those not in the wanted state, count the
+ * others; the flipped ones go to changed[] in ascending order. */
+static void update_segment(vb_region *r, uint64_t p, uint64_t end, int inflate,
+                           vb_range *changed, uint32_t *nc, vb_update *st)
+{
+    int fresh = 1;
+
+    while (p < end) {
+        uint64_t bit = p % 64, take = 64 - bit < end - p ? 64 - bit : end - p;
+        uint64_t mask = word_mask(bit, bit + take);
+        uint64_t *word = &r->ballooned[p / 64];
+        uint64_t same = (inflate ? *word : ~*word) & mask;   /* already in that state */
+        uint64_t flip = mask & ~same;
+
+        if (same != 0) {
+            if (st->unchanged_pages == 0) {
+                st->first_unchanged_gpa = r->gpa + ((p - bit + (uint64_t)__builtin_ctzll(same)) << VB_PAGE_SHIFT);
+            }
+            st->unchanged_pages += (uint64_t)__builtin_popcountll(same);
+        }
+        if (flip != 0) {
+            uint64_t n = (uint64_t)__builtin_popcountll(flip);
+
+            *word = inflate ? *word | flip : *word & ~flip;
+            if (inflate) {
+                r->ballooned_pages += n;
+            } else {
+                r->ballooned_pages -= n;
+            }
+            st->changed_pages += n;
+            /* The runs of flipped bits, as ranges. */
+            while (flip != 0) {
+                uint64_t lo = (uint64_t)__builtin_ctzll(flip);
+                uint64_t rest = ~(flip >> lo);   /* zeros shifted in above: ones here */
+                uint64_t run = rest == 0 ? 64 : (uint64_t)__builtin_ctzll(rest);
+
+                emit(changed, nc, r->gpa + ((p - bit + lo) << VB_PAGE_SHIFT), run << VB_PAGE_SHIFT, &fresh);
+                flip &= ~word_mask(lo, lo + run);
+            }
+        }
+        p += take;
+    }
+}
+
+int vb_balloon_update(vb_mem *mem, const vb_range *in, uint32_t n, int inflate, int whole,
+                      vb_range *changed, uint32_t max_changed, vb_update *st)
+{
+    uint32_t nc = 0;
     vb_region *r = NULL;    /* last region hit: balloon batches are mostly local */
 
-    *first_invalid = 0;
-    for (k = 0; k < n; k++) {
-        uint32_t pfn = pfns[k];
-        uint64_t gpa = (uint64_t)pfn << VB_PAGE_SHIFT;
-        uint64_t page, mask;
-        uint64_t *word;
+    memset(st, 0, sizeof(*st));
+    if (changed != NULL) {
+        uint64_t need = 0;
 
-        if (r == NULL || gpa < r->gpa || gpa - r->gpa >= r->size) {
-            int i = vb_mem_find_gpa(mem, gpa);
-
-            if (i < 0) {
-                if (ninvalid++ == 0) {
-                    *first_invalid = pfn;
-                }
-                continue;
-            }
-            r = &mem->regions[i];
+        for (uint32_t k = 0; k < n && need <= max_changed; k++) {
+            need += whole ? 1 : in[k].len >> VB_PAGE_SHIFT;
         }
-        page = (gpa - r->gpa) >> VB_PAGE_SHIFT;
-        word = &r->ballooned[page / 64];
-        mask = (uint64_t)1 << (page % 64);
-        if (inflate ? (*word & mask) : !(*word & mask)) {
-            nunchanged++;
-            continue;
+        if (need > max_changed) {
+            return -1;
         }
-        if (inflate) {
-            *word |= mask;
-            r->ballooned_pages++;
-        } else {
-            *word &= ~mask;
-            r->ballooned_pages--;
-        }
-        changed[nchanged++] = pfn;
     }
-    *n_invalid = ninvalid;
-    *n_unchanged = nunchanged;
-    return nchanged;
+    for (uint32_t k = 0; k < n; k++) {
+        uint64_t gpa = in[k].gpa & ~(VB_PAGE_SIZE - 1);
+        uint64_t end = in[k].gpa + in[k].len < in[k].gpa ? UINT64_MAX & ~(VB_PAGE_SIZE - 1) : in[k].gpa + in[k].len;
+
+        if (whole && inflate) {
+            int i = vb_mem_region_of(mem, in[k].gpa, in[k].len);
+
+            if (i >= 0 && count_set(mem->regions[i].ballooned, (in[k].gpa - mem->regions[i].gpa) >> VB_PAGE_SHIFT,
+                                    (in[k].gpa + in[k].len - mem->regions[i].gpa) >> VB_PAGE_SHIFT) != 0) {
+                if (st->refused++ == 0) {
+                    st->first_refused_gpa = in[k].gpa;
+                    st->first_refused_len = in[k].len;
+                }
+                continue;   /* inflating what is ballooned already: a confused guest */
+            }
+        }
+        while (gpa < end) {
+            uint64_t seg_end, p0, p1;
+
+            if (r == NULL || gpa < r->gpa || gpa - r->gpa >= r->size) {
+                int i = vb_mem_find_gpa(mem, gpa);
+
+                if (i < 0) {
+                    uint64_t stop = next_region_start(mem, gpa, end);
+
+                    if (st->invalid_pages == 0) {
+                        st->first_invalid_gpa = gpa;
+                    }
+                    st->invalid_pages += (stop - gpa + VB_PAGE_SIZE - 1) >> VB_PAGE_SHIFT;
+                    gpa = stop;
+                    r = NULL;
+                    continue;
+                }
+                r = &mem->regions[i];
+            }
+            seg_end = end - r->gpa > r->size ? r->gpa + r->size : end;
+            p0 = (gpa - r->gpa) >> VB_PAGE_SHIFT;
+            p1 = (seg_end - r->gpa + VB_PAGE_SIZE - 1) >> VB_PAGE_SHIFT;
+            update_segment(r, p0, p1, inflate, changed, &nc, st);
+            gpa = seg_end;
+        }
+    }
+    st->n_changed = nc;
+    return (int)nc;
 }
 
 int vb_mem_region_of(const vb_mem *mem, uint64_t gpa, uint64_t len)
@@ -355,8 +485,8 @@ int64_t vb_mem_ballooned_in_range(const vb_mem *mem, uint64_t gpa, uint64_t len)
  * as GuestMemory.allocated_bytes() counts them. */
 uint64_t vb_mem_allocated_bytes(const vb_mem *mem)
 {
-    dev_t devs[VB_MAX_REGIONS];
-    ino_t inos[VB_MAX_REGIONS];
+    dev_t devs[VB_MAX_MEM_REGIONS];
+    ino_t inos[VB_MAX_MEM_REGIONS];
     uint32_t seen = 0;
     uint64_t total = 0;
 

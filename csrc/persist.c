@@ -11,9 +11,11 @@
  * would have built.  It is separate from track.c and mem.c on purpose: it
  * only reads and writes the vb_region fields they document.
  *
- * Threads: as vb_balloon_update (vb.h): under the server's memory lock.
+ * Threads: as vb_balloon_update (vb_core.h): under the server's memory lock.
+ * Uses mem.c only; the journal below uses nothing.
  */
 #define _GNU_SOURCE
+#include <endian.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -172,7 +174,9 @@ int64_t vb_track_import_pending(vb_mem *mem, uint32_t region, const uint64_t *wo
  * guest) and by the session (flushes, the guest's actual), so the append
  * lives here, under the journal's own mutex.  Record layout (little-endian,
  * as vhostballoon/server/persist.py reads it): le32 0x56420000 | kind,
- * le32 count, le64 epoch, count x le32, le32 CRC-32 (zlib's) of all before. */
+ * le32 count, le64 epoch, count x le32, le32 CRC-32 (zlib's) of all before.
+ * A record of ranges carries per range le64 gpa, le64 len (4 values).  The
+ * kinds are the caller's (vhostballoon/device/journal_kinds.py). */
 #include <pthread.h>
 
 #define JOURNAL_MAGIC 0x56420000u
@@ -259,11 +263,14 @@ uint64_t vb_journal_offset(vb_journal *j)
     return off;
 }
 
-int vb_journal_append(vb_journal *j, uint32_t kind, const uint32_t *values, uint32_t count)
+/* Appends a record of count le32 words, copied from values (count words)
+ * or, with ranges != NULL, from count / 4 ranges. */
+static int append(vb_journal *j, uint32_t kind, const uint32_t *values, const vb_range *ranges, uint32_t count)
 {
     uint8_t header[JOURNAL_HEADER];
     uint32_t magic = JOURNAL_MAGIC | (kind & 0xFFFF), crc;
     uint64_t need = JOURNAL_HEADER + (uint64_t)count * 4 + 4, at;
+    uint8_t *data;
     int rc;
 
     pthread_mutex_lock(&j->mu);
@@ -276,8 +283,16 @@ int vb_journal_append(vb_journal *j, uint32_t kind, const uint32_t *values, uint
     memcpy(header + 4, &count, 4);
     memcpy(header + 8, &j->epoch, 8);
     memcpy(j->base + at, header, JOURNAL_HEADER);
-    if (count) {
-        memcpy(j->base + at + JOURNAL_HEADER, values, (size_t)count * 4);
+    data = j->base + at + JOURNAL_HEADER;
+    if (ranges != NULL) {
+        for (uint32_t k = 0; k < count / 4; k++) {
+            uint64_t gpa = htole64(ranges[k].gpa), len = htole64(ranges[k].len);
+
+            memcpy(data + 16 * (size_t)k, &gpa, 8);
+            memcpy(data + 16 * (size_t)k + 8, &len, 8);
+        }
+    } else if (count) {
+        memcpy(data, values, (size_t)count * 4);
     }
     crc = crc_update(0, j->base + at, JOURNAL_HEADER + (uint64_t)count * 4);
     memcpy(j->base + at + JOURNAL_HEADER + (uint64_t)count * 4, &crc, 4);
@@ -285,4 +300,17 @@ int vb_journal_append(vb_journal *j, uint32_t kind, const uint32_t *values, uint
     rc = j->offset * 2 > j->size ? 1 : 0;
     pthread_mutex_unlock(&j->mu);
     return rc;
+}
+
+int vb_journal_append(vb_journal *j, uint32_t kind, const uint32_t *values, uint32_t count)
+{
+    return append(j, kind, values, NULL, count);
+}
+
+int vb_journal_append_ranges(vb_journal *j, uint32_t kind, const vb_range *ranges, uint32_t n)
+{
+    if (n > UINT32_MAX / 4) {
+        return -1;
+    }
+    return append(j, kind, NULL, ranges, 4 * n);
 }

@@ -1,12 +1,16 @@
 /*
- * Serving the inflate and deflate queues in one C call per kick.
+ * Serving the queues that move pages (inflate, deflate, of any buffer
+ * format) in one C call per kick: the runtime's queue workers.
  *
  * A worker thread per queue waits on the queue's kick eventfd and, for
- * everything the guest made available, does in one pass what the Python
- * session used to do in five hops: pop the PFN arrays (vring.c), flip the
+ * everything the guest made available, does in one pass: pop the buffers
+ * into ranges with the sink of the queue's format (vring.c), flip the
  * ballooned bitmap (mem.c), count the pages per huge page (track.c), free
- * what may be freed now (discard.c), return the buffers to the used ring and
- * signal the call eventfd.  The Python session starts and stops workers,
+ * what may be freed now (discard.c), journal the batch (persist.c), return
+ * the buffers to the used ring and signal the call eventfd.  Which sink,
+ * which direction and which journal kind come from the queue table
+ * (vhostballoon/device/queues.py), so a new queue of an existing format is
+ * a row there and nothing here.  The Python session starts and stops workers,
  * keeps the policy's slow decisions (deadlines, "guest at target") and reads
  * the counters; it is woken (notify eventfd) only for what it must log or
  * act on, never per buffer.
@@ -35,13 +39,30 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "vb_internal.h"
+#include "vb_config.h"
+#include "vb_runtime_internal.h"
 
 /* What one pop takes at most: the same limits as the Python Virtqueue
- * (native.py): 1024 buffers, 65536 PFNs (Linux sends 256 per buffer,
- * VIRTIO_BALLOON_ARRAY_PFNS_MAX in drivers/virtio/virtio_balloon.c). */
+ * (native.py): 1024 buffers, 65536 items (PFNs: Linux sends 256 per
+ * buffer, VIRTIO_BALLOON_ARRAY_PFNS_MAX in drivers/virtio/virtio_balloon.c;
+ * or ranges).  Each stage's output has room for as many ranges as the pop
+ * has items, which is as many as it can make. */
 #define WORKER_MAX_HEADS 1024
-#define WORKER_MAX_PFNS 65536
+#define WORKER_MAX_ITEMS 65536
+
+/* The sink of each buffer format a worker can serve. */
+typedef int (*pop_fn)(vb_vq *vq, const vb_mem *mem, vb_range *ranges, uint32_t max_items,
+                      vb_batch *batch, uint16_t *heads, uint32_t max_heads, char *err, size_t errlen);
+
+static const struct {
+    int format;
+    pop_fn pop;
+    int whole;      /* a range is the guest's unit: refused whole rather than in part */
+    const char *name;
+} SINKS[] = {
+    {VB_FORMAT_PFN32, vb_vq_pop_pfn32, 0, "pfn32"},
+    {VB_FORMAT_EXTENTS, vb_vq_pop_extents, 1, "extents"},
+};
 
 struct vb_lock {
     pthread_mutex_t mu;
@@ -106,7 +127,10 @@ struct vb_worker {
     vb_mem *mem;
     vb_lock *lock;
     vb_vq *vq;
+    pop_fn pop;
+    int whole;
     int inflate;
+    uint32_t journal_kind;
     int kick_fd, call_fd, notify_fd, stop_fd;   /* our own duplicates */
     uint64_t flush_pages;   /* atomic: collect pending pages at this many; 0 never */
     int stop;               /* atomic: leave at the next batch boundary */
@@ -118,9 +142,10 @@ struct vb_worker {
     int started;
     pthread_mutex_t counters_mu;
     vb_worker_counters c;
-    uint32_t *pfns, *changed;
+    vb_range *in;           /* what the sink made of the buffers */
+    vb_range *changed;      /* inflate: the pages that flipped */
+    vb_range *ranges;       /* what to free now */
     uint16_t *heads;
-    vb_range *ranges;
 };
 
 static void discard_stats_add(vb_discard_stats *dst, const vb_discard_stats *src)
@@ -140,25 +165,6 @@ static void discard_stats_add(vb_discard_stats *dst, const vb_discard_stats *src
         dst->last_errno = src->last_errno;
         dst->failed_region = src->failed_region;
     }
-}
-
-/* The first PFN of a batch that did not change state although it lies in
- * guest memory, for the session's log line.  changed[] holds the flipped
- * PFNs in input order, and of a repeated PFN only its first occurrence can
- * flip, so walking both in step finds it.  Only runs when there is one. */
-static uint32_t first_unchanged(const vb_mem *mem, const uint32_t *pfns, uint32_t n,
-                                const uint32_t *changed, uint32_t n_changed)
-{
-    uint32_t j = 0;
-
-    for (uint32_t i = 0; i < n; i++) {
-        if (j < n_changed && pfns[i] == changed[j]) {
-            j++;
-        } else if (vb_mem_find_gpa(mem, (uint64_t)pfns[i] << VB_PAGE_SHIFT) >= 0) {
-            return pfns[i];
-        }
-    }
-    return 0;
 }
 
 /* Frees ranges[0..n) and everything pending if the policy's threshold is
@@ -200,16 +206,12 @@ static void free_now(vb_worker *w, uint32_t n, vb_discard_stats *st, uint64_t *m
     free(extra);
 }
 
-/* Persist.py's record kinds. */
-#define JOURNAL_INFLATE 1
-#define JOURNAL_DEFLATE 2
-#define JOURNAL_COLLECT 3
-#define JOURNAL_COLLECT_BATCH 5   /* the pending pages of batch-tracked regions only */
 /* How long a worker waits (1 ms per try) for the session's snapshot when
  * the journal is full before it drops the record. */
 #define JOURNAL_WAIT_TRIES 2000
 
-static int journal_record(vb_worker *w, uint32_t kind, const uint32_t *values, uint32_t n)
+/* Appends a record of ranges (none: NULL, 0). */
+static int journal_record(vb_worker *w, uint32_t kind, const vb_range *ranges, uint32_t n)
 {
     int rc;
 
@@ -219,7 +221,7 @@ static int journal_record(vb_worker *w, uint32_t kind, const uint32_t *values, u
      * then covers the batch). */
     int tries = 0;
 
-    while ((rc = vb_journal_append(w->journal, kind, values, n)) < 0) {
+    while ((rc = vb_journal_append_ranges(w->journal, kind, ranges, n)) < 0) {
         if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE) || ++tries > JOURNAL_WAIT_TRIES) {
             /* No snapshot came (it failed: disk full?) or we are stopping:
              * the guest must not hang on us.  The record is dropped and
@@ -243,34 +245,40 @@ static int journal_record(vb_worker *w, uint32_t kind, const uint32_t *values, u
     return rc;
 }
 
-/* 1 when the session should snapshot soon. */
-static int journal_batch(vb_worker *w, uint32_t n_changed, int flushed)
+/* Journals a batch's ranges and a flush that came with it; 1 when the
+ * session should snapshot soon. */
+static int journal_batch(vb_worker *w, const vb_range *ranges, uint32_t n, int flushed)
 {
     int half = 0;
 
-    if (n_changed) {
-        half |= journal_record(w, w->inflate ? JOURNAL_INFLATE : JOURNAL_DEFLATE, w->changed, n_changed) > 0;
+    if (n) {
+        half |= journal_record(w, w->journal_kind, ranges, n) > 0;
     }
     if (flushed) {
-        half |= journal_record(w, JOURNAL_COLLECT, NULL, 0) > 0;
+        half |= journal_record(w, VB_JOURNAL_COLLECT, NULL, 0) > 0;
     }
     return half;
 }
 
 /* Plain shmem pages are pending and the guest will be at its target once
  * it has these buffers back: its actual then grows by the pages it sent
- * (Linux counts every PFN it sends), and vb_at_target says whether that is
- * the target.  So the last buffer goes back only after the partial blocks
- * are freed ("at target" means "freed").  Lock held. */
-static int at_target(vb_worker *w, uint32_t n_pfns)
+ * (Linux counts every page it sends; a batch's ranges are exactly those
+ * pages), and vb_at_target says whether that is the target.  So the last
+ * buffer goes back only after the partial blocks are freed ("at target"
+ * means "freed").  Lock held. */
+static int at_target(vb_worker *w, const vb_range *sent, uint32_t n)
 {
     vb_config_values v;
+    uint64_t pages = 0;
 
     if (w->config == NULL || vb_track_pending_batch(w->mem) == 0) {
         return 0;
     }
+    for (uint32_t i = 0; i < n; i++) {
+        pages += sent[i].len >> VB_PAGE_SHIFT;
+    }
     vb_config_get(w->config, &v);
-    return vb_at_target(v.num_pages, (uint64_t)v.actual + n_pfns);
+    return vb_at_target(v.num_pages, (uint64_t)v.actual + pages);
 }
 
 /* Frees every pending page of plain shmem regions (lock held); 1 if any. */
@@ -279,7 +287,7 @@ static int flush_batch(vb_worker *w, vb_discard_stats *st, uint64_t *measured, i
     int any = 0;
     uint32_t n;
 
-    while ((n = vb_track_collect_batch(w->mem, w->ranges, WORKER_MAX_PFNS)) > 0) {
+    while ((n = vb_track_collect_batch(w->mem, w->ranges, WORKER_MAX_ITEMS)) > 0) {
         free_now(w, n, st, measured, flushed);
         any = 1;
     }
@@ -296,7 +304,8 @@ static int serve_available(vb_worker *w)
     vb_lock_acquire(w->lock);
     for (;;) {
         char err[sizeof(w->c.error)];
-        uint32_t n_pfns = 0, n_changed, n_invalid = 0, first_invalid = 0, n_unchanged = 0;
+        vb_batch batch;
+        vb_update up;
         uint32_t n_ranges = 0;
         uint64_t pending_before = 0, pending_dropped = 0, measured = 0;
         vb_discard_stats st;
@@ -306,8 +315,8 @@ static int serve_available(vb_worker *w)
             break;
         }
         err[0] = '\0';
-        popped = vb_vq_pop_pfns(w->vq, w->mem, w->pfns, WORKER_MAX_PFNS, &n_pfns,
-                                w->heads, WORKER_MAX_HEADS, err, sizeof(err));
+        popped = w->pop(w->vq, w->mem, w->in, WORKER_MAX_ITEMS, &batch, w->heads, WORKER_MAX_HEADS,
+                        err, sizeof(err));
         if (popped < 0) {
             pthread_mutex_lock(&w->counters_mu);
             w->c.broken = 1;
@@ -322,13 +331,15 @@ static int serve_available(vb_worker *w)
         }
         memset(&st, 0, sizeof(st));
         st.failed_region = -1;
-        n_changed = vb_balloon_update(w->mem, w->pfns, n_pfns, w->inflate, w->changed,
-                                      &n_invalid, &first_invalid, &n_unchanged);
+        /* changed[] has room: a PFN batch has at most WORKER_MAX_ITEMS
+         * pages, an extents batch (judged whole) that many ranges. */
+        vb_balloon_update(w->mem, w->in, batch.n_ranges, w->inflate, w->whole,
+                          w->inflate ? w->changed : NULL, WORKER_MAX_ITEMS, &up);
         if (w->inflate) {
             int nr;
 
             pending_before = vb_track_pending(w->mem, 1, NULL);
-            nr = vb_track_inflate(w->mem, w->changed, n_changed, w->ranges, WORKER_MAX_PFNS);
+            nr = vb_track_inflate(w->mem, w->changed, up.n_changed, w->ranges, WORKER_MAX_ITEMS);
             n_ranges = nr > 0 ? (uint32_t)nr : 0;
             /* Freed before the buffers go back: the guest may reuse a page
              * only after it deflates it, and its deflate waits for our lock. */
@@ -336,24 +347,27 @@ static int serve_available(vb_worker *w)
             /* The balloon reached the session's target: the partial blocks
              * of plain shmem go too, before the guest sees its last buffer
              * back (then "at target" means "freed", as without batching). */
-            batch_flushed = at_target(w, n_pfns) && flush_batch(w, &st, &measured, &flushed);
+            batch_flushed = at_target(w, w->in, batch.n_ranges) && flush_batch(w, &st, &measured, &flushed);
             if (pending_before == 0 && vb_track_pending(w->mem, 1, NULL) > 0 &&
                 __atomic_exchange_n(&w->pending_notice, 0, __ATOMIC_ACQ_REL)) {
                 notify = 1;   /* the session arms the flush deadline */
             }
-        } else {
+        } else if (up.changed_pages) {
             /* Deflate is sacred: these pages leave pending tracking before
              * the buffer goes back, so nothing can free them any more. */
-            pending_dropped = vb_track_deflate(w->mem, w->changed, n_changed);
+            pending_dropped = vb_track_deflate(w->mem, w->in, batch.n_ranges);
         }
-        if (w->journal != NULL && (n_changed || flushed)) {
+        if (w->journal != NULL && (up.changed_pages || flushed)) {
             /* Journaled before the guest sees the buffers back: a page it
-             * deflates is never freed after a restart (persist.py). */
-            if (journal_batch(w, n_changed, flushed)) {
+             * deflates is never freed after a restart (persist.py).  An
+             * inflate records what flipped; a deflate its ranges (the pages
+             * not ballooned in them stay so on replay). */
+            if (journal_batch(w, w->inflate ? w->changed : w->in, w->inflate ? up.n_changed : batch.n_ranges,
+                              flushed)) {
                 notify = 1;
             }
         }
-        if (w->journal != NULL && batch_flushed && journal_record(w, JOURNAL_COLLECT_BATCH, NULL, 0) > 0) {
+        if (w->journal != NULL && batch_flushed && journal_record(w, VB_JOURNAL_COLLECT_BATCH, NULL, 0) > 0) {
             notify = 1;
         }
         if (!w->vq->ready) {
@@ -367,16 +381,22 @@ static int serve_available(vb_worker *w)
         pthread_mutex_lock(&w->counters_mu);
         w->c.batches++;
         w->c.buffers += (uint64_t)popped;
-        w->c.pfns += n_pfns;
-        w->c.changed += n_changed;
+        w->c.pfns += batch.items;
+        w->c.changed += up.changed_pages;
         w->c.pending_dropped += pending_dropped;
-        w->c.invalid += n_invalid;
-        if (n_invalid) {
-            w->c.last_invalid_pfn = first_invalid;
+        w->c.invalid += up.invalid_pages;
+        if (up.invalid_pages) {
+            w->c.last_invalid_pfn = (uint32_t)(up.first_invalid_gpa >> VB_PAGE_SHIFT);
         }
-        w->c.unchanged += n_unchanged;
-        if (n_unchanged) {
-            w->c.last_unchanged_pfn = first_unchanged(w->mem, w->pfns, n_pfns, w->changed, n_changed);
+        w->c.unchanged += up.unchanged_pages;
+        if (up.unchanged_pages) {
+            w->c.last_unchanged_pfn = (uint32_t)(up.first_unchanged_gpa >> VB_PAGE_SHIFT);
+        }
+        if (batch.refused || up.refused) {
+            w->c.refused += batch.refused + up.refused;
+            w->c.last_refused_gpa = batch.refused ? batch.first_refused_gpa : up.first_refused_gpa;
+            w->c.last_refused_len = batch.refused ? batch.first_refused_len : up.first_refused_len;
+            w->c.last_refused_why = batch.refused ? batch.first_refused_why : VB_REFUSE_BALLOONED;
         }
         w->c.flushes += (uint64_t)flushed;
         w->c.freed_measured += measured;
@@ -385,7 +405,7 @@ static int serve_available(vb_worker *w)
         }
         discard_stats_add(&w->c.discard, &st);
         pthread_mutex_unlock(&w->counters_mu);
-        if (n_invalid || n_unchanged || flushed) {
+        if (up.invalid_pages || up.unchanged_pages || batch.refused || up.refused || flushed) {
             notify = 1;
         }
         if (vb_vq_should_signal(w->vq)) {
@@ -413,7 +433,7 @@ static void idle_flush(vb_worker *w)
     st.failed_region = -1;
     vb_lock_acquire(w->lock);
     if (flush_batch(w, &st, &measured, &flushed) && w->journal != NULL) {
-        journal_record(w, JOURNAL_COLLECT_BATCH, NULL, 0);
+        journal_record(w, VB_JOURNAL_COLLECT_BATCH, NULL, 0);
     }
     w->batch_pending = vb_track_pending_batch(w->mem);
     pthread_mutex_lock(&w->counters_mu);
@@ -499,7 +519,7 @@ static void worker_release(vb_worker *w)
             *fds[i] = -1;
         }
     }
-    free(w->pfns);
+    free(w->in);
     free(w->changed);
     free(w->heads);
     free(w->ranges);
@@ -512,12 +532,27 @@ static int dup_or_none(int fd)
     return fd < 0 ? -1 : fcntl(fd, F_DUPFD_CLOEXEC, 0);
 }
 
-vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
+vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int format, int direction,
                            int kick_fd, int call_fd, int notify_fd, uint64_t flush_pages,
-                           vb_journal *journal, vb_config *config, char *err, size_t errlen)
+                           vb_journal *journal, uint32_t journal_kind, vb_config *config,
+                           char *err, size_t errlen)
 {
-    vb_worker *w = calloc(1, sizeof(*w));
+    vb_worker *w;
+    size_t sink = 0;
 
+    while (sink < sizeof(SINKS) / sizeof(SINKS[0]) && SINKS[sink].format != format) {
+        sink++;
+    }
+    if (sink == sizeof(SINKS) / sizeof(SINKS[0])) {
+        vb_seterr(err, errlen, "a queue worker cannot serve buffer format %d (only PFN32 %d and EXTENTS %d)",
+                  format, VB_FORMAT_PFN32, VB_FORMAT_EXTENTS);
+        return NULL;
+    }
+    if (direction != VB_DIRECTION_INFLATE && direction != VB_DIRECTION_DEFLATE) {
+        vb_seterr(err, errlen, "a queue worker moves pages in or out, not in direction %d", direction);
+        return NULL;
+    }
+    w = calloc(1, sizeof(*w));
     if (w == NULL) {
         vb_seterr(err, errlen, "out of memory for a queue worker");
         return NULL;
@@ -525,7 +560,10 @@ vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
     w->mem = mem;
     w->lock = lock;
     w->vq = vq;
-    w->inflate = inflate ? 1 : 0;
+    w->pop = SINKS[sink].pop;
+    w->whole = SINKS[sink].whole;
+    w->inflate = direction == VB_DIRECTION_INFLATE;
+    w->journal_kind = journal_kind;
     w->flush_pages = flush_pages;
     w->pending_notice = 1;
     w->journal = journal;
@@ -536,10 +574,10 @@ vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
     w->call_fd = dup_or_none(call_fd);
     w->notify_fd = dup_or_none(notify_fd);
     w->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    w->pfns = malloc(WORKER_MAX_PFNS * sizeof(*w->pfns));
-    w->changed = malloc(WORKER_MAX_PFNS * sizeof(*w->changed));
+    w->in = malloc(WORKER_MAX_ITEMS * sizeof(*w->in));
+    w->changed = malloc(WORKER_MAX_ITEMS * sizeof(*w->changed));
     w->heads = malloc(WORKER_MAX_HEADS * sizeof(*w->heads));
-    w->ranges = malloc(WORKER_MAX_PFNS * sizeof(*w->ranges));
+    w->ranges = malloc(WORKER_MAX_ITEMS * sizeof(*w->ranges));
     if (kick_fd < 0 || w->kick_fd < 0 || (call_fd >= 0 && w->call_fd < 0) ||
         (notify_fd >= 0 && w->notify_fd < 0) || w->stop_fd < 0) {
         vb_seterr(err, errlen, "queue worker: cannot duplicate its eventfds (kick %d, call %d): %s",
@@ -547,7 +585,7 @@ vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
         worker_release(w);
         return NULL;
     }
-    if (!w->pfns || !w->changed || !w->heads || !w->ranges) {
+    if (!w->in || !w->changed || !w->heads || !w->ranges) {
         vb_seterr(err, errlen, "out of memory for a queue worker's buffers");
         worker_release(w);
         return NULL;
@@ -573,11 +611,6 @@ int vb_worker_set_call_fd(vb_worker *w, int call_fd)
     }
     w->call_fd = fd;
     return 0;
-}
-
-void vb_worker_set_journal(vb_worker *w, vb_journal *journal)
-{
-    w->journal = journal;
 }
 
 void vb_worker_notice_pending(vb_worker *w)

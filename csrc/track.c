@@ -23,8 +23,12 @@
  * `pending` the ballooned pages not handed out yet, `huge_ballooned` and
  * `huge_pending` per huge page counts of those two bitmaps.
  *
- * Runs on the event loop under the server's memory lock, like
- * vb_balloon_update; see vb.h for the threading rule.
+ * Works on ranges of guest addresses: a range that covers a whole huge page
+ * none of whose pages were counted frees it as it is, a word of the bitmaps
+ * at a time; the other pages go one by one.
+ *
+ * Runs under the server's memory lock, like vb_balloon_update; see
+ * vb_core.h for the threading rule.  Uses mem.c and ranges.c.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -187,21 +191,6 @@ static int confirm_whole(vb_region *r, uint64_t h, uint64_t first, uint64_t end)
 
 /* ---- configuration ------------------------------------------------------- */
 
-void vb_track_release(vb_region *r)
-{
-    free(r->huge_ballooned);
-    free(r->huge_pending);
-    free(r->tracked);
-    free(r->pending);
-    free(r->huge_cut);
-    r->huge_ballooned = r->huge_pending = NULL;
-    r->tracked = r->pending = r->huge_cut = NULL;
-    r->granule = VB_PAGE_SIZE;
-    r->huge_first = r->nhuge = 0;
-    r->pending_pages = 0;
-    r->pending_since_ns = 0;
-}
-
 int vb_track_configure(vb_mem *mem, uint32_t region, uint64_t granule, int backing, int thp,
                        char *err, size_t errlen)
 {
@@ -233,7 +222,7 @@ int vb_track_configure(vb_mem *mem, uint32_t region, uint64_t granule, int backi
         return -1;
     }
     if (granule == VB_PAGE_SIZE) {
-        vb_track_release(r);
+        vb_region_drop_tracking(r);
         r->backing = backing;
         r->thp = thp != 0;
         r->track_configured = 1;
@@ -261,7 +250,7 @@ int vb_track_configure(vb_mem *mem, uint32_t region, uint64_t granule, int backi
                   " bytes", region, nhuge, granule);
         return -1;
     }
-    vb_track_release(r);
+    vb_region_drop_tracking(r);
     r->backing = backing;
     r->thp = thp != 0;
     r->granule = granule;
@@ -285,165 +274,209 @@ int vb_track_configure(vb_mem *mem, uint32_t region, uint64_t granule, int backi
 
 /* ---- inflate / deflate --------------------------------------------------- */
 
-static int cmp_range(const void *a, const void *b)
+/* Bits [first, end) of bm all set / set them (whole words where possible). */
+static int all_set(const uint64_t *bm, uint64_t first, uint64_t end)
 {
-    uint64_t x = ((const vb_range *)a)->gpa, y = ((const vb_range *)b)->gpa;
+    for (uint64_t p = first; p < end;) {
+        uint64_t bit = p % 64, take = 64 - bit < end - p ? 64 - bit : end - p;
+        uint64_t mask = (take == 64 ? ~(uint64_t)0 : (((uint64_t)1 << take) - 1)) << bit;
 
-    return (x > y) - (x < y);
-}
-
-/* Sorts ranges[0..n) by gpa and merges neighbours that touch within one
- * region (neighbouring regions are different files, or other offsets of
- * one).  Returns the new count. */
-static uint32_t sort_and_merge(const vb_mem *mem, vb_range *ranges, uint32_t n)
-{
-    uint32_t out = 0;
-    int last_region = -1;
-
-    if (n < 2) {
-        return n;
-    }
-    qsort(ranges, n, sizeof(vb_range), cmp_range);
-    for (uint32_t i = 0; i < n; i++) {
-        int region = vb_mem_find_gpa(mem, ranges[i].gpa);
-
-        if (out > 0 && region == last_region &&
-            ranges[out - 1].gpa + ranges[out - 1].len == ranges[i].gpa) {
-            ranges[out - 1].len += ranges[i].len;
-        } else {
-            ranges[out++] = ranges[i];
+        if ((bm[p / 64] & mask) != mask) {
+            return 0;
         }
-        last_region = region;
+        p += take;
     }
-    return out;
+    return 1;
 }
 
-/* Appends the pages of sorted PFNs (duplicates allowed) as coalesced
- * ranges, each inside one region. */
-static uint32_t emit_pages(const vb_mem *mem, const uint32_t *pfns, uint32_t n,
-                           vb_range *ranges, uint32_t nr)
+static void set_bits(uint64_t *bm, uint64_t first, uint64_t end)
 {
-    uint32_t k = 0;
+    for (uint64_t p = first; p < end;) {
+        uint64_t bit = p % 64, take = 64 - bit < end - p ? 64 - bit : end - p;
 
-    while (k < n) {
-        uint64_t first = pfns[k], end = first + 1, region_end;
-        int idx = vb_mem_find_gpa(mem, first << VB_PAGE_SHIFT);
-        const vb_region *r = &mem->regions[idx];   /* callers pass PFNs inside regions */
+        bm[p / 64] |= (take == 64 ? ~(uint64_t)0 : (((uint64_t)1 << take) - 1)) << bit;
+        p += take;
+    }
+}
 
-        region_end = (r->gpa + r->size) >> VB_PAGE_SHIFT;
-        for (k++; k < n; k++) {
-            uint64_t p = pfns[k];
+/* Appends [gpa, +len) to out, joined to the last range when it continues
+ * it (the caller keeps one region per call); 0 when out is full. */
+static int put_range(vb_range *out, uint32_t *nr, uint32_t max, uint64_t gpa, uint64_t len, int *fresh)
+{
+    if (!*fresh && *nr > 0 && out[*nr - 1].gpa + out[*nr - 1].len == gpa) {
+        out[*nr - 1].len += len;
+        return 1;
+    }
+    if (*nr == max) {
+        return 0;
+    }
+    out[(*nr)++] = (vb_range){gpa, len};
+    *fresh = 0;
+    return 1;
+}
 
-            if (p == end - 1) {
+/* Pages [p0, p1) of tracked region r became ballooned: count them, hand
+ * out the huge pages they complete, make the rest pending. */
+static void inflate_tracked(vb_region *r, uint64_t p0, uint64_t p1, vb_range *out, uint32_t *nr,
+                            uint32_t max, uint64_t *now)
+{
+    uint64_t ppg = pages_per_huge(r);
+    int fresh = 1;   /* a new input range: do not join what another range emitted */
+
+    while (p0 < p1) {
+        uint64_t h = huge_of(r, p0), first, end, stop;
+        int whole = huge_span(r, h, &first, &end);
+
+        stop = end < p1 ? end : p1;
+        /* The fast way: the range covers all of an untouched huge page. */
+        if (whole && p0 == first && stop == end && r->huge_ballooned[h] == 0 &&
+            all_set(r->ballooned, first, end)) {
+            if (put_range(out, nr, max, r->gpa + (first << VB_PAGE_SHIFT), r->granule, &fresh)) {
+                set_bits(r->tracked, first, end);
+                r->huge_ballooned[h] = (uint32_t)ppg;
+                p0 = end;
                 continue;
             }
-            if (p != end || end >= region_end) {
-                break;
-            }
-            end++;
+            /* No room: page by page, so the pages wait as pending. */
         }
-        ranges[nr++] = (vb_range){first << VB_PAGE_SHIFT, (end - first) << VB_PAGE_SHIFT};
+        for (uint64_t p = p0; p < stop; p++) {
+            if (!bit_test(r->ballooned, p) || bit_test(r->tracked, p)) {
+                continue;   /* never free a page the guest did not give; counted already */
+            }
+            bit_set(r->tracked, p);
+            r->huge_ballooned[h]++;
+            if (whole && r->huge_ballooned[h] == ppg && confirm_whole(r, h, first, end) &&
+                put_range(out, nr, max, r->gpa + (first << VB_PAGE_SHIFT), r->granule, &fresh)) {
+                /* Whole: its pending pages go out with it, in one range. */
+                for (uint64_t q = next_set(r->pending, first, end); q < end;
+                     q = next_set(r->pending, q + 1, end)) {
+                    pending_drop(r, q, h);
+                }
+            } else {
+                pending_add(r, p, h, now);
+            }
+        }
+        p0 = stop;
     }
-    return nr;
 }
 
-int vb_track_inflate(vb_mem *mem, const uint32_t *pfns, uint32_t n,
+/* Pages [p0, p1) of untracked region r: ballooned ones go out at once. */
+static void inflate_untracked(const vb_region *r, uint64_t p0, uint64_t p1, vb_range *out, uint32_t *nr,
+                              uint32_t max)
+{
+    int fresh = 1;
+
+    for (uint64_t p = next_set(r->ballooned, p0, p1); p < p1;) {
+        uint64_t q = p + 1;
+
+        while (q < p1 && bit_test(r->ballooned, q)) {
+            q++;
+        }
+        if (!put_range(out, nr, max, r->gpa + (p << VB_PAGE_SHIFT), (q - p) << VB_PAGE_SHIFT, &fresh)) {
+            return;     /* cannot happen: one range per input range at most (max >= n) */
+        }
+        p = next_set(r->ballooned, q, p1);
+    }
+}
+
+/* Walks the parts of one range that lie in a region: each call gives the
+ * next one (its region and pages [*p0, *p1)), skipping what lies outside
+ * guest memory; 0 when there is none left.  *at starts at the range's gpa. */
+static int next_segment(vb_mem *mem, const vb_range *range, uint64_t *at, vb_region **r, uint64_t *p0,
+                        uint64_t *p1)
+{
+    uint64_t end = range->gpa + range->len;
+
+    if (end < range->gpa) {
+        end = UINT64_MAX & ~(VB_PAGE_SIZE - 1);
+    }
+    while (*at < end) {
+        int i = vb_mem_find_gpa(mem, *at);
+        uint64_t seg_end;
+
+        if (i < 0) {
+            *at += VB_PAGE_SIZE;   /* outside guest memory: ignored */
+            continue;
+        }
+        *r = &mem->regions[i];
+        seg_end = end - (*r)->gpa > (*r)->size ? (*r)->gpa + (*r)->size : end;
+        *p0 = (*at - (*r)->gpa) >> VB_PAGE_SHIFT;
+        *p1 = (seg_end - (*r)->gpa + VB_PAGE_SIZE - 1) >> VB_PAGE_SHIFT;
+        *at = seg_end;
+        return 1;
+    }
+    return 0;
+}
+
+int vb_track_inflate(vb_mem *mem, const vb_range *in, uint32_t n,
                      vb_range *ranges, uint32_t max_ranges)
 {
-    uint32_t nr = 0, nsmall = 0, k;
-    uint32_t *small = NULL;     /* PFNs of regions without huge page tracking */
-    int small_failed = 0;
-    uint64_t now = 0;
-    vb_region *r = NULL;
+    uint32_t nr = 0, nwhole;
+    uint64_t now = 0, p0, p1;
+    vb_region *r;
 
     if (max_ranges < n) {
         return -1;
     }
-    for (k = 0; k < n; k++) {
-        uint64_t gpa = (uint64_t)pfns[k] << VB_PAGE_SHIFT;
-        uint64_t p, h, first, end;
-
-        if (r == NULL || gpa < r->gpa || gpa - r->gpa >= r->size) {
-            int i = vb_mem_find_gpa(mem, gpa);
-
-            if (i < 0) {
-                continue;
+    /* Huge pages first, then the pages of untracked regions, each sorted
+     * and merged. */
+    for (uint32_t k = 0; k < n; k++) {
+        for (uint64_t at = in[k].gpa & ~(VB_PAGE_SIZE - 1); next_segment(mem, &in[k], &at, &r, &p0, &p1);) {
+            if (r->tracked != NULL) {
+                inflate_tracked(r, p0, p1, ranges, &nr, max_ranges, &now);
             }
-            r = &mem->regions[i];
-        }
-        p = (gpa - r->gpa) >> VB_PAGE_SHIFT;
-        if (!bit_test(r->ballooned, p)) {
-            continue;           /* never free a page the guest did not give */
-        }
-        if (r->tracked == NULL) {
-            if (small == NULL && !small_failed) {
-                small = malloc((size_t)n * sizeof(uint32_t));
-                small_failed = small == NULL;
-            }
-            if (small != NULL) {
-                small[nsmall++] = pfns[k];
-            } else {
-                ranges[nr++] = (vb_range){gpa, VB_PAGE_SIZE};   /* uncoalesced, still right */
-            }
-            continue;
-        }
-        if (bit_test(r->tracked, p)) {
-            continue;           /* counted already */
-        }
-        bit_set(r->tracked, p);
-        h = huge_of(r, p);
-        r->huge_ballooned[h]++;
-        if (huge_span(r, h, &first, &end) && r->huge_ballooned[h] == pages_per_huge(r) &&
-            confirm_whole(r, h, first, end)) {
-            /* Whole: its pending pages go out with it, in one range. */
-            for (uint64_t q = next_set(r->pending, first, end); q < end;
-                 q = next_set(r->pending, q + 1, end)) {
-                pending_drop(r, q, h);
-            }
-            ranges[nr++] = (vb_range){r->gpa + (first << VB_PAGE_SHIFT), r->granule};
-        } else {
-            pending_add(r, p, h, &now);
         }
     }
-    nr = sort_and_merge(mem, ranges, nr);
-    if (small != NULL) {
-        vb_sort_u32(small, nsmall);
-        nr = emit_pages(mem, small, nsmall, ranges, nr);
-        free(small);
+    nwhole = nr = vb_ranges_merge(mem, ranges, nr);
+    for (uint32_t k = 0; k < n; k++) {
+        for (uint64_t at = in[k].gpa & ~(VB_PAGE_SIZE - 1); next_segment(mem, &in[k], &at, &r, &p0, &p1);) {
+            if (r->tracked == NULL) {
+                inflate_untracked(r, p0, p1, ranges, &nr, max_ranges);
+            }
+        }
     }
+    nr = nwhole + vb_ranges_merge(mem, ranges + nwhole, nr - nwhole);
     return (int)nr;
 }
 
-uint32_t vb_track_deflate(vb_mem *mem, const uint32_t *pfns, uint32_t n)
+/* Pages [p0, p1) of tracked region r: uncount those no longer ballooned,
+ * a word at a time; returns how many were pending. */
+static uint64_t deflate_tracked(vb_region *r, uint64_t p0, uint64_t p1)
 {
-    uint32_t dropped = 0;
-    vb_region *r = NULL;
+    uint64_t dropped = 0;
+
+    for (uint64_t p = p0; p < p1;) {
+        uint64_t bit = p % 64, take = 64 - bit < p1 - p ? 64 - bit : p1 - p;
+        uint64_t mask = (take == 64 ? ~(uint64_t)0 : (((uint64_t)1 << take) - 1)) << bit;
+        uint64_t gone = r->tracked[p / 64] & ~r->ballooned[p / 64] & mask;
+
+        while (gone != 0) {
+            uint64_t q = p - bit + (uint64_t)__builtin_ctzll(gone);
+            uint64_t h = huge_of(r, q);
+
+            gone &= gone - 1;
+            bit_clear(r->tracked, q);
+            r->huge_ballooned[h]--;
+            if (bit_test(r->pending, q)) {
+                pending_drop(r, q, h);
+                dropped++;
+            }
+        }
+        p += take;
+    }
+    return dropped;
+}
+
+uint64_t vb_track_deflate(vb_mem *mem, const vb_range *in, uint32_t n)
+{
+    uint64_t dropped = 0, p0, p1;
+    vb_region *r;
 
     for (uint32_t k = 0; k < n; k++) {
-        uint64_t gpa = (uint64_t)pfns[k] << VB_PAGE_SHIFT;
-        uint64_t p, h;
-
-        if (r == NULL || gpa < r->gpa || gpa - r->gpa >= r->size) {
-            int i = vb_mem_find_gpa(mem, gpa);
-
-            if (i < 0) {
-                continue;
+        for (uint64_t at = in[k].gpa & ~(VB_PAGE_SIZE - 1); next_segment(mem, &in[k], &at, &r, &p0, &p1);) {
+            if (r->tracked != NULL) {
+                dropped += deflate_tracked(r, p0, p1);
             }
-            r = &mem->regions[i];
-        }
-        if (r->tracked == NULL) {
-            continue;
-        }
-        p = (gpa - r->gpa) >> VB_PAGE_SHIFT;
-        if (bit_test(r->ballooned, p) || !bit_test(r->tracked, p)) {
-            continue;           /* still ballooned, or never counted */
-        }
-        bit_clear(r->tracked, p);
-        h = huge_of(r, p);
-        r->huge_ballooned[h]--;
-        if (bit_test(r->pending, p)) {
-            pending_drop(r, p, h);
-            dropped++;
         }
     }
     return dropped;

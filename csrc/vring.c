@@ -1,5 +1,7 @@
 /*
- * Split virtqueue accessor (virtio 1.x section 2.7), device side.
+ * Split virtqueue accessor (virtio 1.x section 2.7), device side, and the
+ * sinks that turn popped buffers into ranges of guest addresses, one per
+ * buffer format (vb_core.h).  Uses mem.c and ranges.c.
  *
  * The rings live in guest RAM that the guest may rewrite at any moment, so
  * every field is loaded exactly once into a local and checked before use,
@@ -176,7 +178,9 @@ int vb_vq_setup(vb_vq *vq, const vb_mem *mem, uint32_t num,
  * follows the chain (and at most one indirect table) and hands every
  * descriptor that is not INDIRECT to take(); pop_buffers keeps only whole
  * buffers: one whose items do not fit in what is left of the caller's
- * array stays in the ring for the next call.
+ * array stays in the ring for the next call.  A sink writes its outputs
+ * (ranges, descriptors) at out_stored + out_count; a buffer never yields
+ * more outputs than items, so an output array of `capacity` suffices.
  */
 struct sink {
     int (*take)(struct sink *s, const vb_mem *mem, uint16_t head, const char *where,
@@ -184,14 +188,38 @@ struct sink {
     const char *items;   /* "PFNs" or "descriptors", for messages */
     uint32_t capacity;   /* items one call can return */
     uint32_t stored;     /* items of the buffers already accepted in this call */
+    uint32_t out_stored; /* outputs of the buffers already accepted */
     uint64_t count;      /* items of the buffer being walked */
+    uint32_t out_count;  /* its outputs so far */
     int fits;            /* the current buffer's items are all stored so far */
+    /* Refused ranges: of the buffer being walked (buf_*), of those accepted. */
+    uint64_t buf_refused, refused;
+    vb_range buf_first, first;
+    int buf_why, why;
 };
 
-/* Inflate/deflate: device-readable arrays of le32 PFNs. */
+static inline int sink_room(const struct sink *s, uint64_t more)
+{
+    return s->fits && s->stored + s->count + more <= s->capacity;
+}
+
+static void sink_refuse(struct sink *s, uint64_t gpa, uint64_t len, int why)
+{
+    if (s->buf_refused++ == 0) {
+        s->buf_first = (vb_range){gpa, len};
+        s->buf_why = why;
+    }
+}
+
+/* PFN32: device-readable arrays of le32 PFNs, coalesced into ranges of
+ * consecutive ascending pages within one buffer and one region (or one gap
+ * between regions): in input order, nothing dropped (vb_balloon_update
+ * judges each page). */
 struct pfn_sink {
     struct sink base;
-    uint32_t *out;
+    vb_range *out;
+    const vb_mem *mem;
+    uint64_t end, limit;   /* the open range: pages [.., end), may grow to limit */
 };
 
 static int take_pfns(struct sink *base, const vb_mem *mem, uint16_t head, const char *where,
@@ -221,15 +249,24 @@ static int take_pfns(struct sink *base, const vb_mem *mem, uint16_t head, const 
         return -1;
     }
     npfns = d->len / 4;
-    if (base->fits && base->stored + base->count + npfns <= base->capacity) {
-        uint32_t *dst = s->out + base->stored + base->count;
+    if (sink_room(base, npfns)) {
+        vb_range *out = s->out + base->out_stored;
 
-        memcpy(dst, src, (size_t)npfns * 4);
-#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
         for (uint32_t k = 0; k < npfns; k++) {
-            dst[k] = le32toh(dst[k]);
+            uint32_t raw;
+            uint64_t pfn;
+
+            memcpy(&raw, src + 4 * (size_t)k, 4);   /* each PFN read once */
+            pfn = le32toh(raw);
+            if (base->out_count > 0 && pfn == s->end && s->end < s->limit) {
+                out[base->out_count - 1].len += VB_PAGE_SIZE;
+                s->end++;
+                continue;
+            }
+            out[base->out_count++] = (vb_range){pfn << VB_PAGE_SHIFT, VB_PAGE_SIZE};
+            s->end = pfn + 1;
+            s->limit = vb_ranges_run_limit(s->mem, pfn);
         }
-#endif
     } else {
         base->fits = 0;
     }
@@ -237,19 +274,76 @@ static int take_pfns(struct sink *base, const vb_mem *mem, uint16_t head, const 
     return 0;
 }
 
+/* EXTENTS: each device-readable descriptor is one range, checked for
+ * inflate/deflate use; a bad one is refused, never stored. */
+struct extent_sink {
+    struct sink base;
+    vb_range *out;
+};
+
+static int take_extent(struct sink *base, const vb_mem *mem, uint16_t head, const char *where,
+                       uint32_t i, const struct desc *d, char *err, size_t errlen)
+{
+    struct extent_sink *s = (struct extent_sink *)base;
+    const vb_range *mine;
+    uint64_t end;
+    int region;
+
+    if (d->flags & VRING_DESC_F_WRITE) {
+        vb_seterr(err, errlen, "head %u: %s %" PRIu32 " is device-writable (flags 0x%x)"
+                  " in a buffer of device-readable ranges", head, where, i, d->flags);
+        return -1;
+    }
+    if (!sink_room(base, 1)) {
+        base->fits = 0;
+        base->count++;
+        return 0;
+    }
+    base->count++;
+    if (d->len == 0) {
+        sink_refuse(base, d->addr, d->len, VB_REFUSE_EMPTY);
+        return 0;
+    }
+    if ((d->addr | d->len) & (VB_PAGE_SIZE - 1)) {
+        sink_refuse(base, d->addr, d->len, VB_REFUSE_UNALIGNED);
+        return 0;
+    }
+    end = d->addr + d->len;
+    if (end < d->addr) {
+        sink_refuse(base, d->addr, d->len, VB_REFUSE_WRAPS);
+        return 0;
+    }
+    region = vb_mem_region_of(mem, d->addr, d->len);
+    if (region < 0) {
+        sink_refuse(base, d->addr, d->len, VB_REFUSE_OUTSIDE);
+        return 0;
+    }
+    /* Against this buffer's ranges so far: a buffer holds few (Linux's
+     * reporting buffers 32), and a refusal must name the offender. */
+    mine = s->out + base->out_stored;
+    for (uint32_t k = 0; k < base->out_count; k++) {
+        if (d->addr < mine[k].gpa + mine[k].len && mine[k].gpa < end) {
+            sink_refuse(base, d->addr, d->len, VB_REFUSE_OVERLAP);
+            return 0;
+        }
+    }
+    s->out[base->out_stored + base->out_count++] = (vb_range){d->addr, d->len};
+    return 0;
+}
+
 /* Reporting and stats buffers: the descriptors themselves, all in one
  * direction.  Their addresses are not checked here (nothing is read through
  * them): the caller validates each one. */
-struct range_sink {
+struct desc_sink {
     struct sink base;
     vb_desc_range *out;
     int writable;        /* 1: every descriptor must be device-writable; 0: readable */
 };
 
-static int take_range(struct sink *base, const vb_mem *mem, uint16_t head, const char *where,
-                      uint32_t i, const struct desc *d, char *err, size_t errlen)
+static int take_desc(struct sink *base, const vb_mem *mem, uint16_t head, const char *where,
+                     uint32_t i, const struct desc *d, char *err, size_t errlen)
 {
-    struct range_sink *s = (struct range_sink *)base;
+    struct desc_sink *s = (struct desc_sink *)base;
     int writable = (d->flags & VRING_DESC_F_WRITE) != 0;
 
     (void)mem;
@@ -260,8 +354,8 @@ static int take_range(struct sink *base, const vb_mem *mem, uint16_t head, const
                   s->writable ? "writable" : "readable");
         return -1;
     }
-    if (base->fits && base->stored + base->count + 1 <= base->capacity) {
-        vb_desc_range *r = s->out + base->stored + base->count;
+    if (sink_room(base, 1)) {
+        vb_desc_range *r = s->out + base->out_stored + base->out_count++;
 
         r->addr = d->addr;
         r->len = d->len;
@@ -367,6 +461,8 @@ static int pop_buffers(vb_vq *vq, const vb_mem *mem, struct sink *s,
     int full = 0;
 
     s->stored = 0;
+    s->out_stored = 0;
+    s->refused = 0;
     if (!vq->ready) {
         vb_seterr(err, errlen, "queue is not set up");
         return -1;
@@ -396,6 +492,8 @@ static int pop_buffers(vb_vq *vq, const vb_mem *mem, struct sink *s,
                 return -1;
             }
             s->count = 0;
+            s->out_count = 0;
+            s->buf_refused = 0;
             s->fits = 1;
             if (pop_one(vq, mem, head, s, err, errlen) < 0) {
                 return -1;
@@ -416,6 +514,14 @@ static int pop_buffers(vb_vq *vq, const vb_mem *mem, struct sink *s,
             }
             heads[popped++] = head;
             s->stored += (uint32_t)s->count;
+            s->out_stored += s->out_count;
+            if (s->buf_refused != 0) {
+                if (s->refused == 0) {
+                    s->first = s->buf_first;
+                    s->why = s->buf_why;
+                }
+                s->refused += s->buf_refused;
+            }
             last++;
         }
         if (vq->event_idx) {
@@ -434,18 +540,43 @@ static int pop_buffers(vb_vq *vq, const vb_mem *mem, struct sink *s,
     return (int)popped;
 }
 
-int vb_vq_pop_pfns(vb_vq *vq, const vb_mem *mem,
-                   uint32_t *pfns, uint32_t max_pfns, uint32_t *n_pfns,
-                   uint16_t *heads, uint32_t max_heads,
-                   char *err, size_t errlen)
+static void batch_of(const struct sink *s, int popped, vb_batch *batch)
+{
+    memset(batch, 0, sizeof(*batch));
+    if (popped > 0) {
+        batch->n_ranges = s->out_stored;
+        batch->items = s->stored;
+        batch->refused = s->refused;
+        batch->first_refused_gpa = s->first.gpa;
+        batch->first_refused_len = s->first.len;
+        batch->first_refused_why = s->refused ? s->why : VB_REFUSE_NONE;
+    }
+}
+
+int vb_vq_pop_pfn32(vb_vq *vq, const vb_mem *mem, vb_range *ranges, uint32_t max_items,
+                    vb_batch *batch, uint16_t *heads, uint32_t max_heads, char *err, size_t errlen)
 {
     struct pfn_sink s = {
-        .base = {.take = take_pfns, .items = "PFNs", .capacity = max_pfns},
-        .out = pfns,
+        .base = {.take = take_pfns, .items = "PFNs", .capacity = max_items},
+        .out = ranges,
+        .mem = mem,
     };
     int popped = pop_buffers(vq, mem, &s.base, heads, NULL, max_heads, err, errlen);
 
-    *n_pfns = popped > 0 ? s.base.stored : 0;
+    batch_of(&s.base, popped, batch);
+    return popped;
+}
+
+int vb_vq_pop_extents(vb_vq *vq, const vb_mem *mem, vb_range *ranges, uint32_t max_items,
+                      vb_batch *batch, uint16_t *heads, uint32_t max_heads, char *err, size_t errlen)
+{
+    struct extent_sink s = {
+        .base = {.take = take_extent, .items = "ranges", .capacity = max_items},
+        .out = ranges,
+    };
+    int popped = pop_buffers(vq, mem, &s.base, heads, NULL, max_heads, err, errlen);
+
+    batch_of(&s.base, popped, batch);
     return popped;
 }
 
@@ -454,8 +585,8 @@ int vb_vq_pop_ranges(vb_vq *vq, const vb_mem *mem, int writable,
                      uint16_t *heads, uint32_t *counts, uint32_t max_heads,
                      char *err, size_t errlen)
 {
-    struct range_sink s = {
-        .base = {.take = take_range, .items = "descriptors", .capacity = max_ranges},
+    struct desc_sink s = {
+        .base = {.take = take_desc, .items = "descriptors", .capacity = max_ranges},
         .out = ranges,
         .writable = writable != 0,
     };

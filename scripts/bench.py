@@ -694,13 +694,15 @@ def code_info() -> dict:
 
 
 _PY_FRAME = re.compile(r"^(?P<func>.+) \((?P<file>[^()]*\.py):\d+\)$")
-_C_CORE_FILES = ("discard.c", "vring.c", "track.c", "mem.c", "vhostballoon._native")
+_C_CORE_FILES = ("discard.c", "vring.c", "track.c", "mem.c", "ranges.c", "persist.c", "serve.c", "front.c",
+                 "vhostballoon._native")
 # Functions of the per-buffer path whose inclusive share is worth showing.
 _INCLUSIVE = (
     "FrontendSession._receive_loop", "BackendConnection.receive_data", "BackendConnection.next_event",
     "BackendConnection.data_to_send", "FrontendSession._dispatch", "FrontendSession._flush",
     "FrontendSession._on_config_get", "FrontendSession._on_config_set", "FrontendSession._queue_worker",
-    "FrontendSession._process", "Virtqueue.pop_pfns", "BalloonDevice.apply", "HugePageTracker.inflated",
+    "FrontendSession._process", "serve_available", "vb_vq_pop_pfn32", "vb_balloon_update", "vb_track_inflate",
+    "BalloonDevice.apply",
     "HugePageTracker.flush_due", "FrontendSession._arm_flush_timer", "Virtqueue.push_used",
     "FrontendSession._discard", "to_thread_run_sync", "FrontendSession._discard_blocking",
     "GuestMemory.allocated_bytes", "punch_fallocate", "BalloonService.publish", "serve_control",

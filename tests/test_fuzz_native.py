@@ -71,14 +71,14 @@ def fuzzers() -> dict[str, Path]:
 
 
 def _available() -> list[str]:
-    """fuzz_ranges exists only once csrc/vb.h declares vb_vq_pop_ranges (build.sh decides alike)."""
-    has_ranges = "vb_vq_pop_ranges" in (REPO / "csrc" / "vb.h").read_text()
+    """fuzz_ranges exists only once csrc/vb_core.h declares vb_vq_pop_ranges (build.sh decides alike)."""
+    has_ranges = "vb_vq_pop_ranges" in (REPO / "csrc" / "vb_core.h").read_text()
     return [h for h in HARNESSES if h != "fuzz_ranges" or has_ranges]
 
 
 def _binary(fuzzers: dict[str, Path], harness: str) -> Path:
     if harness not in fuzzers:
-        pytest.skip(f"{harness}: csrc/vb.h does not declare vb_vq_pop_ranges yet")
+        pytest.skip(f"{harness}: csrc/vb_core.h does not declare vb_vq_pop_ranges yet")
     return fuzzers[harness]
 
 

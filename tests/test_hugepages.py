@@ -351,7 +351,7 @@ def test_hugetlbfs_partial_punch_only_zeroes(hugetlb_guest):
     HugePageTracker(g.mem).configure_regions()
     free = meminfo("HugePages_Free")
     page = g.pages_of(3)[7]
-    stats = g.mem.discard_range(page << PAGE_SHIFT, PAGE_SIZE)
+    stats = g.mem.discard_ranges(RangeList.from_list([(page << PAGE_SHIFT, PAGE_SIZE)]))
     assert (stats.bytes_freed, stats.hugetlb_partial_bytes, stats.huge_pages_whole) == (PAGE_SIZE, PAGE_SIZE, 0)
     assert meminfo("HugePages_Free") == free and allocated(g.fd) == g.size
     assert g.view[page * PAGE_SIZE:(page + 1) * PAGE_SIZE] == bytes(PAGE_SIZE)

@@ -14,8 +14,10 @@ import fcntl
 import mmap
 import os
 import random
+import re
 import struct
 from array import array
+from pathlib import Path
 
 import pytest
 
@@ -30,6 +32,7 @@ from vhostballoon.native import (
     Virtqueue,
 )
 
+REPO_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 MiB = 1 << 20
 GUEST_SIZE = 64 * MiB
 UADDR = 0x7F0000000000  # the front-end's (fake) address of guest RAM
@@ -44,6 +47,19 @@ F_SEAL_FUTURE_WRITE = 0x0010
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def _pop(vq: Virtqueue, mem: GuestMemory) -> tuple[list[int], PfnArray]:
+    """vq.pop_pfn32, its ranges as the PFNs they cover (in order)."""
+    got = vq.pop_pfn32(mem)
+    return got.heads, PfnArray.from_list(got.ranges.pfns())
+
+
+def _discard_pfns(mem: GuestMemory, pfns: PfnArray):
+    """Free the pages of a PFN list the way the core frees what it hands
+    out: as ranges, sorted and merged (each inside one region)."""
+    ranges = mem.merge(RangeList.from_pfns(pfns, mem))
+    return mem.discard_ranges(ranges), ranges
 
 
 def allocated(fd: int) -> int:
@@ -351,7 +367,7 @@ def test_queue_refuses_rings_whose_memory_was_unmapped(guest):
     ring.add_buffer([1, 2])
     guest.mem.remove_region(0, GUEST_SIZE)
     with pytest.raises(RingError, match="queue 0: guest memory was unmapped since setup"):
-        vq.pop_pfns(guest.mem)
+        vq.pop_pfn32(guest.mem)
     with pytest.raises(RingError, match="unmapped"):
         vq.push_used([0])
 
@@ -370,11 +386,13 @@ def test_pop_direct_chained_and_indirect_buffers(guest):
     heads = [ring.add_buffer(a), ring.add_buffer(b, pieces=3),
              ring.add_buffer(c, pieces=4, indirect=True), ring.add_buffer(d, indirect=True)]
     assert vq.pending() == 4
-    got_heads, pfns = vq.pop_pfns(guest.mem)
+    got = vq.pop_pfn32(guest.mem)
+    got_heads, pfns = got.heads, got.ranges.pfns()
     assert got_heads == heads == [0, 1, 4, 5]
-    assert pfns.tolist() == a + b + c + d and len(pfns) == len(a + b + c + d)
+    assert pfns == a + b + c + d and got.items == len(a + b + c + d)
     assert vq.last_avail_idx == 4 and vq.pending() == 0
-    assert vq.pop_pfns(guest.mem) == ([], pfns) and len(pfns) == 0
+    again = vq.pop_pfn32(guest.mem)
+    assert (again.heads, again.ranges) == ([], got.ranges) and len(again.ranges) == 0
 
 
 def test_pop_reads_from_a_wrapped_avail_index(guest):
@@ -384,7 +402,7 @@ def test_pop_reads_from_a_wrapped_avail_index(guest):
     ring.add_buffer([1])
     ring.add_buffer([2])
     ring.add_buffer([3])
-    heads, pfns = vq.pop_pfns(guest.mem)
+    heads, pfns = _pop(vq, guest.mem)
     assert heads == [0, 1, 2] and pfns.tolist() == [1, 2, 3]
     assert vq.last_avail_idx == 1
 
@@ -536,7 +554,7 @@ def test_malformed_ring_raises_with_values_and_consumes_nothing(guest, corrupt):
     message = corrupt(ring)
     for _ in range(2):  # the same answer again: nothing moved
         with pytest.raises(RingError) as exc:
-            vq.pop_pfns(guest.mem)
+            vq.pop_pfn32(guest.mem)
         assert str(exc.value).startswith("queue 3: ")
         assert message in str(exc.value)
         assert vq.last_avail_idx == 0
@@ -561,17 +579,17 @@ def test_buffers_that_do_not_fit_wait_for_the_next_pop(guest):
     bufs = [list(range(k * 256, (k + 1) * 256)) for k in range(3)]
     for b in bufs:
         ring.add_buffer(b, pieces=2)
-    heads, pfns = vq.pop_pfns(guest.mem)
+    heads, pfns = _pop(vq, guest.mem)
     assert heads == [0, 2] and pfns.tolist() == bufs[0] + bufs[1]
     assert vq.pending() == 1
-    heads, pfns = vq.pop_pfns(guest.mem)
+    heads, pfns = _pop(vq, guest.mem)
     assert heads == [4] and pfns.tolist() == bufs[2]
 
     for k in range(5):
         ring.add_buffer([k])
-    heads, pfns = vq.pop_pfns(guest.mem)
+    heads, pfns = _pop(vq, guest.mem)
     assert len(heads) == 3 and pfns.tolist() == [0, 1, 2]  # max_heads
-    heads, pfns = vq.pop_pfns(guest.mem)
+    heads, pfns = _pop(vq, guest.mem)
     assert len(heads) == 2 and pfns.tolist() == [3, 4]
 
 
@@ -583,10 +601,10 @@ def test_pop_sees_only_published_buffers(guest):
     head = ring.take_desc()
     ring.write_desc(ring.desc, head, ring.put_pfns([2]), 4)
     ring.publish(head, publish_idx=False)  # in the ring, idx not yet bumped
-    heads, pfns = vq.pop_pfns(guest.mem)
+    heads, pfns = _pop(vq, guest.mem)
     assert pfns.tolist() == [1]
     ring.set_avail_idx(ring.avail_idx)
-    heads, pfns = vq.pop_pfns(guest.mem)
+    heads, pfns = _pop(vq, guest.mem)
     assert heads == [head] and pfns.tolist() == [2]
 
 
@@ -648,11 +666,11 @@ def test_pop_publishes_avail_event_with_event_idx(guest):
     ring = DriverRing(guest, 16)
     vq = Virtqueue(0)
     ring.setup(vq, base=40, event_idx=True)
-    assert vq.pop_pfns(guest.mem)[0] == []
+    assert vq.pop_pfn32(guest.mem).heads == []
     assert ring.avail_event() == 40       # even an empty pop asks for the next kick
     ring.add_buffer([1])
     ring.add_buffer([2])
-    heads, _ = vq.pop_pfns(guest.mem)
+    heads = vq.pop_pfn32(guest.mem).heads
     assert len(heads) == 2 and ring.avail_event() == 42
 
 
@@ -662,7 +680,7 @@ def test_pop_leaves_avail_event_alone_without_event_idx(guest):
     ring.setup(vq, event_idx=False)
     struct.pack_into("<H", guest.view, ring.used + 4 + 8 * 16, 0xBEEF)
     ring.add_buffer([1])
-    vq.pop_pfns(guest.mem)
+    vq.pop_pfn32(guest.mem)
     assert ring.avail_event() == 0xBEEF
 
 
@@ -674,14 +692,14 @@ def test_balloon_update_changed_unchanged_invalid_and_duplicates(memfd_1g):
         mem.add_region(os.dup(memfd_1g), 0, MiB, UADDR, 0)              # pfns 0..255
         mem.add_region(os.dup(memfd_1g), 4 * MiB, MiB, UADDR + MiB, MiB)  # pfns 1024..1279
         up = mem.balloon_update(PfnArray.from_list([1, 2, 2, 1024, 300, 3, 1279, 1280]), inflate=True)
-        assert up.changed.tolist() == [1, 2, 1024, 3, 1279]
+        assert up.changed.pfns() == [1, 2, 1024, 3, 1279]
         assert (up.n_invalid, up.first_invalid, up.n_unchanged) == (2, 300, 1)
         assert [r.ballooned_pages for r in mem.regions] == [3, 2] and mem.ballooned_pages == 5
 
         up = mem.balloon_update(PfnArray.from_list([2, 4]), inflate=True)
-        assert up.changed.tolist() == [4] and up.n_unchanged == 1 and up.first_invalid is None
+        assert up.changed.pfns() == [4] and up.n_unchanged == 1 and up.first_invalid is None
         up = mem.balloon_update(PfnArray.from_list([2, 2, 5, 1279]), inflate=False)
-        assert up.changed.tolist() == [2, 1279] and up.n_unchanged == 2 and up.n_invalid == 0
+        assert up.changed.pfns() == [2, 1279] and up.n_unchanged == 2 and up.n_invalid == 0
         assert [r.ballooned_pages for r in mem.regions] == [3, 1]
         up = mem.balloon_update(PfnArray.from_list([]), inflate=False)
         assert len(up.changed) == 0 and mem.ballooned_pages == 4
@@ -727,13 +745,13 @@ def test_discard_frees_exactly_the_ballooned_pages_and_keeps_the_rest(guest):
     victims = random.Random(7).sample(range(npages), 4096)
     pfns = PfnArray.from_list(victims + victims[:100])  # duplicates cost nothing
 
-    stats = guest.mem.discard(pfns)
+    stats, ranges = _discard_pfns(guest.mem, pfns)
 
     assert allocated(guest.fd) == GUEST_SIZE - 16 * MiB
     assert guest.mem.allocated_bytes() == GUEST_SIZE - 16 * MiB
     assert stats.bytes_freed == 16 * MiB and stats.bytes_failed == 0
     assert stats.syscalls == stats.ranges < 4096  # random picks still touch now and then
-    assert pfns.tolist() == sorted(victims + victims[:100])  # sorted in place
+    assert ranges.pfns() == sorted(set(victims))  # sorted, each page once
     assert guest.mem.regions[0].discard_method == "fallocate"
     gone = set(victims)
     zero = bytes(PAGE_SIZE)
@@ -747,12 +765,12 @@ def test_discard_coalesces_runs_into_single_syscalls(guest):
     before = allocated(guest.fd)
     run = list(range(1000, 2000))
     random.Random(1).shuffle(run)
-    stats = guest.mem.discard(PfnArray.from_list(run))
+    stats, _ = _discard_pfns(guest.mem, PfnArray.from_list(run))
     assert (stats.ranges, stats.syscalls, stats.bytes_freed) == (1, 1, 1000 * PAGE_SIZE)
     assert before - allocated(guest.fd) == 1000 * PAGE_SIZE
 
     pfns = [10, 11, 12, 12, 30, 40, 41, 11, 3, 20000, 20000]  # 20000 is past 64 MiB
-    stats = guest.mem.discard(PfnArray.from_list(pfns))
+    stats, _ = _discard_pfns(guest.mem, PfnArray.from_list(pfns))
     assert (stats.ranges, stats.syscalls, stats.pages_outside) == (4, 4, 1)
     assert stats.bytes_freed == 7 * PAGE_SIZE
     assert before - allocated(guest.fd) == 1007 * PAGE_SIZE
@@ -766,7 +784,7 @@ def test_discard_splits_runs_at_region_boundaries():
             mem.add_region(os.dup(fds[1]), MiB, MiB, UADDR + MiB, 0)
             ctypes.memset(mem.translate(0, MiB), 0xAA, MiB)
             ctypes.memset(mem.translate(MiB, MiB), 0xBB, MiB)
-            stats = mem.discard(PfnArray.from_list(list(range(250, 262))))  # 6 pages each side
+            stats, _ = _discard_pfns(mem, PfnArray.from_list(list(range(250, 262))))  # 6 pages each side
             assert (stats.ranges, stats.syscalls, stats.bytes_freed) == (2, 2, 12 * PAGE_SIZE)
             assert [allocated(fd) for fd in fds] == [MiB - 6 * PAGE_SIZE] * 2
     finally:
@@ -776,12 +794,12 @@ def test_discard_splits_runs_at_region_boundaries():
 
 def test_discard_range(guest):
     _fill(guest.view, 0, 1024)
-    stats = guest.mem.discard_range(MiB, MiB)
+    stats = guest.mem.discard_ranges(RangeList.from_list([(MiB, MiB)]))
     assert (stats.bytes_freed, stats.syscalls) == (MiB, 1)
     assert allocated(guest.fd) == 3 * MiB
-    stats = guest.mem.discard_range(GUEST_SIZE - PAGE_SIZE, 2 * PAGE_SIZE)
+    stats = guest.mem.discard_ranges(RangeList.from_list([(GUEST_SIZE - PAGE_SIZE, 2 * PAGE_SIZE)]))
     assert (stats.pages_outside, stats.syscalls, stats.bytes_freed) == (2, 0, 0)
-    stats = guest.mem.discard_range(0x800, PAGE_SIZE)
+    stats = guest.mem.discard_ranges(RangeList.from_list([(0x800, PAGE_SIZE)]))
     assert (stats.last_errno, stats.bytes_failed, stats.syscalls) == (errno.EINVAL, PAGE_SIZE, 0)
     assert allocated(guest.fd) == 3 * MiB
     # Read last: reading a hole through a shared mapping allocates it again.
@@ -797,10 +815,10 @@ def test_discard_falls_back_to_madvise_remove_where_fallocate_is_refused():
         mem.add_region(zero, 0, MiB, UADDR, 0)
         host = mem.translate(0, MiB)
         ctypes.memset(host, 0x77, MiB)
-        stats = mem.discard(PfnArray.from_list([4, 5, 6]))
+        stats, _ = _discard_pfns(mem, PfnArray.from_list([4, 5, 6]))
         assert (stats.bytes_freed, stats.ranges, stats.syscalls) == (3 * PAGE_SIZE, 1, 2)
         assert mem.regions[0].discard_method == "madvise"
-        stats = mem.discard(PfnArray.from_list([8, 10]))
+        stats, _ = _discard_pfns(mem, PfnArray.from_list([8, 10]))
         assert (stats.bytes_freed, stats.ranges, stats.syscalls) == (2 * PAGE_SIZE, 2, 2)  # straight to madvise
         data = ctypes.string_at(host, MiB)
         for page in range(256):
@@ -820,7 +838,7 @@ def test_region_refusing_both_methods_is_marked_and_skipped(guest):
         first_sealed = GUEST_SIZE // PAGE_SIZE
         pfns = [1, 2, first_sealed + 1, first_sealed + 2, first_sealed + 9]
 
-        stats = guest.mem.discard(PfnArray.from_list(pfns))
+        stats, _ = _discard_pfns(guest.mem, PfnArray.from_list(pfns))
         assert stats.bytes_freed == 2 * PAGE_SIZE            # the good region still freed
         assert stats.bytes_failed == 3 * PAGE_SIZE
         assert (stats.last_errno, stats.failed_region) == (errno.EPERM, 1)
@@ -828,7 +846,7 @@ def test_region_refusing_both_methods_is_marked_and_skipped(guest):
         assert guest.mem.regions[1].discard_errno == errno.EPERM
         assert allocated(sealed) == MiB and allocated(guest.fd) == 14 * PAGE_SIZE
 
-        stats = guest.mem.discard(PfnArray.from_list([first_sealed + 20, first_sealed + 30]))
+        stats, _ = _discard_pfns(guest.mem, PfnArray.from_list([first_sealed + 20, first_sealed + 30]))
         assert (stats.syscalls, stats.ranges, stats.bytes_failed) == (0, 2, 2 * PAGE_SIZE)
         assert stats.last_errno == errno.EPERM
         assert ctypes.string_at(guest.mem.translate(GUEST_SIZE, MiB), MiB) == b"\x42" * MiB
@@ -849,8 +867,8 @@ def test_discard_sorts_large_batches_correctly(guest):
     rng = random.Random(3)
     values = [rng.getrandbits(32) for _ in range(200_000)] + list(range(5000, 5100))
     pfns = PfnArray.from_list(values)
-    stats = guest.mem.discard(pfns)
-    assert pfns.tolist() == sorted(values)
+    stats, ranges = _discard_pfns(guest.mem, pfns)
+    assert ranges.pfns() == sorted(set(values))  # sorted, each page once
     inside = {v for v in values if v < GUEST_SIZE // PAGE_SIZE}
     assert stats.pages_outside == len(set(values) - inside)
     assert stats.bytes_freed == len(inside) * PAGE_SIZE
@@ -956,3 +974,150 @@ def test_restore_position_keeps_a_held_buffer_out_of_the_used_ring(guest):
     assert vq.position == (2, 1) and vq.pop_ranges(guest.mem, writable=False) == []
     vq.push_used([h1])
     assert ring.used_idx() == 2 and ring.used_elem(1) == (h1, 0)
+
+
+# ---- sinks: buffers -> ranges (PFN32, EXTENTS), and what follows on ranges ------
+
+
+def test_generated_header_matches_the_python_sources():
+    """csrc/vb_gen.h (and the module built from it) carry the numbers of the
+    Python modules that own them; a stale header or build fails here."""
+    from vhostballoon._native import ffi, lib
+    from vhostballoon.device import config_layout
+    from vhostballoon.device.journal_kinds import JournalKind
+    from vhostballoon.device.queues import BufferFormat
+    from vhostballoon.vhost_user import constants as c
+
+    want = {
+        "VB_VHOST_USER_HEADER_SIZE": c.HEADER_SIZE,
+        "VB_VHOST_USER_REQ_GET_CONFIG": c.Request.GET_CONFIG,
+        "VB_VHOST_USER_REQ_SET_CONFIG": c.Request.SET_CONFIG,
+        "VB_VHOST_USER_F_VERSION": c.VERSION,
+        "VB_VHOST_USER_F_REPLY": c.REPLY,
+        "VB_VHOST_USER_F_NEED_REPLY": c.NEED_REPLY,
+        "VB_VHOST_USER_MAX_FDS": c.MAX_FDS,
+        "VB_VHOST_USER_CONFIG_HEADER_SIZE": c.CONFIG_HEADER_SIZE,
+        "VB_MAX_MEM_REGIONS": c.MAX_MEM_SLOTS,
+        "VB_CONFIG_SIZE": config_layout.CONFIG_SIZE,
+        "VB_CONFIG_OFF_NUM_PAGES": config_layout.NUM_PAGES_OFFSET,
+        "VB_CONFIG_OFF_ACTUAL": config_layout.ACTUAL_OFFSET,
+        "VB_CONFIG_OFF_FREE_PAGE_HINT_CMD_ID": config_layout.FREE_PAGE_HINT_CMD_ID_OFFSET,
+        "VB_CONFIG_OFF_POISON": config_layout.POISON_OFFSET,
+        **{f"VB_JOURNAL_{k.name}": int(k) for k in JournalKind},
+        **{f"VB_FORMAT_{f.name}": int(f) for f in BufferFormat},
+    }
+    text = (REPO_CSRC / "vb_gen.h").read_text()
+    header = {m[0]: int(m[1]) for m in re.findall(r"^#define (VB_\w+) (\d+)", text, re.M)}
+    assert header == want
+    assert {name: getattr(lib, name) for name in want} == want  # the built module too
+    assert len(ffi.new("vb_mem *").regions) == c.MAX_MEM_SLOTS  # the table's size
+
+
+def test_pfn32_sink_turns_each_buffer_into_ranges_in_order(guest):
+    ring = DriverRing(guest, 16)
+    vq = Virtqueue(0)
+    ring.setup(vq)
+    ring.add_buffer([5, 6, 7, 9, 9, 10, 0xFFFFFFFF])
+    ring.add_buffer([11, 12])  # continues buffer 1's last range, but buffers are not joined
+    got = vq.pop_pfn32(guest.mem)
+    assert got.heads == [0, 1] and got.items == 9 and got.refused == 0
+    assert got.ranges.tolist() == [
+        (5 * PAGE_SIZE, 3 * PAGE_SIZE), (9 * PAGE_SIZE, PAGE_SIZE), (9 * PAGE_SIZE, 2 * PAGE_SIZE),
+        (0xFFFFFFFF * PAGE_SIZE, PAGE_SIZE), (11 * PAGE_SIZE, 2 * PAGE_SIZE),
+    ]
+    # The ranges, page by page, are exactly what the guest wrote.
+    assert got.ranges.pfns() == [5, 6, 7, 9, 9, 10, 0xFFFFFFFF, 11, 12]
+    up = guest.mem.balloon_update(got.ranges, inflate=True)
+    assert up.changed.pfns() == [5, 6, 7, 9, 10, 11, 12]
+    assert (up.n_invalid, up.first_invalid, up.n_unchanged, up.first_unchanged) == (1, 0xFFFFFFFF, 1, 9)
+
+
+def test_pfn32_ranges_stop_at_a_region_end():
+    fds = [new_memfd(MiB), new_memfd(MiB)]
+    try:
+        with GuestMemory() as mem:
+            mem.add_region(os.dup(fds[0]), 0, MiB, UADDR, 0)
+            mem.add_region(os.dup(fds[1]), MiB, MiB, UADDR + MiB, 0)
+            ranges = RangeList.from_pfns(list(range(254, 259)), mem)
+            assert ranges.tolist() == [(254 * PAGE_SIZE, 2 * PAGE_SIZE), (256 * PAGE_SIZE, 3 * PAGE_SIZE)]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_extents_sink_refuses_bad_ranges_names_the_first_and_still_takes_the_buffer(guest):
+    ring = DriverRing(guest, 64)
+    vq = Virtqueue(0)
+    ring.setup(vq, indirect=True)
+    good = [(2 * MiB, 2 * MiB), (8 * MiB, PAGE_SIZE)]
+    bad = [
+        (0x1800, PAGE_SIZE),                    # unaligned
+        (4 * MiB, 0),                           # empty
+        (GUEST_SIZE - PAGE_SIZE, 2 * PAGE_SIZE),  # past the end of guest memory
+        ((1 << 64) - PAGE_SIZE, 2 * PAGE_SIZE),  # wraps
+        (3 * MiB, PAGE_SIZE),                   # inside the first good range
+    ]
+    h1 = _add_ranges(ring, good[:1] + bad + good[1:], flags=0, indirect=True)
+    h2 = _add_ranges(ring, [(2 * MiB, PAGE_SIZE)], flags=0)  # overlaps buffer 1, not its own: kept
+    got = vq.pop_extents(guest.mem)
+    assert got.heads == [h1, h2] and got.items == 8
+    assert got.ranges.tolist() == good + [(2 * MiB, PAGE_SIZE)]
+    assert got.refused == 5 and got.first_refused == (0x1800, PAGE_SIZE)
+    assert got.first_refused_why == "not 4 KiB aligned"
+    assert vq.pending() == 0  # the buffers are taken: they go back (used len 0) with the rest
+    for segment, why in zip(bad[1:], ["empty", "not inside one region of guest memory", "wraps around",
+                                     "overlaps another range of the buffer"]):
+        _add_ranges(ring, [(2 * MiB, 2 * MiB), segment], flags=0)
+        got = vq.pop_extents(guest.mem)
+        assert (got.refused, got.first_refused, got.first_refused_why) == (1, segment, why)
+        assert got.ranges.tolist() == [(2 * MiB, 2 * MiB)]
+    assert guest.mem.ballooned_pages == 0
+
+
+def test_extents_sink_treats_a_device_writable_descriptor_as_a_malformed_ring(guest):
+    ring = DriverRing(guest, 16)
+    vq = Virtqueue(2)
+    ring.setup(vq)
+    _add_ranges(ring, [(2 * MiB, PAGE_SIZE)], flags=F_WRITE)
+    with pytest.raises(RingError, match="queue 2: head 0: descriptor 0 is device-writable"):
+        vq.pop_extents(guest.mem)
+    assert vq.last_avail_idx == 0
+
+
+def test_whole_inflate_refuses_a_range_already_partly_in_the_balloon(guest):
+    mem = guest.mem
+    mem.balloon_update(RangeList.from_list([(MiB + 5 * PAGE_SIZE, PAGE_SIZE)]), inflate=True)
+    up = mem.balloon_update(RangeList.from_list([(MiB, 64 * PAGE_SIZE), (4 * MiB, 2 * PAGE_SIZE)]),
+                            inflate=True, whole=True)
+    assert up.refused == 1 and up.changed.tolist() == [(4 * MiB, 2 * PAGE_SIZE)]
+    assert mem.ballooned_pages == 3 and mem.ballooned_in_range(MiB, 64 * PAGE_SIZE) == 1
+
+
+def test_deflate_of_a_sub_range_of_an_inflated_range(guest):
+    mem = guest.mem
+    mem.configure_huge_pages(0, 2 * MiB, "shmem", True)
+    inflated = RangeList.from_list([(4 * MiB, MiB)])  # half a huge page: pending
+    up = mem.balloon_update(inflated, inflate=True, whole=True)
+    assert len(mem.track_inflate(up.changed)) == 0 and mem.pending_bytes == MiB
+    back = RangeList.from_list([(4 * MiB + 64 * PAGE_SIZE, 16 * PAGE_SIZE)])
+    up = mem.balloon_update(back, inflate=False, whole=True)
+    assert up.changed.tolist() == back.tolist()
+    assert mem.track_deflate(back) == 16
+    assert mem.ballooned_pages == 240 and mem.pending_bytes == 240 * PAGE_SIZE
+    assert mem.collect_pending().tolist() == [(4 * MiB, 64 * PAGE_SIZE), (4 * MiB + 80 * PAGE_SIZE, 176 * PAGE_SIZE)]
+
+
+def test_a_range_covering_whole_huge_pages_frees_them_whole_without_a_split(guest):
+    mem = guest.mem
+    mem.configure_huge_pages(0, 2 * MiB, "shmem", True)
+    _fill(guest.view, 0, 12 * MiB // PAGE_SIZE)
+    before = allocated(guest.fd)
+    # 2 MiB-aligned 4 MiB plus 64 KiB on each side: two whole huge pages, two partial.
+    given = RangeList.from_list([(4 * MiB - 16 * PAGE_SIZE, 4 * MiB + 32 * PAGE_SIZE)])
+    up = mem.balloon_update(given, inflate=True, whole=True)
+    ranges = mem.track_inflate(up.changed)
+    assert ranges.tolist() == [(4 * MiB, 4 * MiB)]
+    stats = mem.discard_ranges(ranges)
+    assert (stats.huge_pages_whole, stats.splits, stats.syscalls) == (2, 0, 1)
+    assert before - allocated(guest.fd) == 4 * MiB
+    assert mem.pending_bytes == 32 * PAGE_SIZE  # the partial pieces wait for their huge pages

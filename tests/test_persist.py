@@ -280,3 +280,44 @@ async def test_a_journal_that_fills_is_snapshotted_by_the_session_and_drops_noth
     bitmaps = [zlib.decompress(base64.b64decode(r["ballooned_bitmap"])) for r in doc["regions"]]
     assert sum(int.from_bytes(b, "little").bit_count() for b in bitmaps) == (32 * MiB) // PAGE_SIZE
     assert sum(r["ballooned"] for r in doc["regions"]) == (32 * MiB) // PAGE_SIZE
+
+
+def test_a_format_1_state_with_pfn_records_is_still_replayed(tmp_path, memfd):
+    """Before ranges, the journal held le32 PFN lists (kinds INFLATE and
+    DEFLATE) under snapshot version 1: a back-end of format 2 replays them."""
+    from vhostballoon.device.journal_kinds import JournalKind
+
+    memory, huge = make_memory(memfd)
+    persist = persistence(tmp_path, memory, huge)
+    persist.start(inflate_base=0, actual=0)
+    doc = json.loads((tmp_path / SNAPSHOT_FILE).read_text())
+    doc["version"] = 1
+    (tmp_path / SNAPSHOT_FILE).write_text(json.dumps(doc))
+    pfns = all_pfns()
+    random.Random(4).shuffle(pfns)
+    inflate(memory, huge, pfns[:1500])
+    deflate(memory, huge, pfns[1000:1200])
+    assert persist.journal.append(JournalKind.INFLATE, PfnArray.from_list(pfns[:1500]))
+    assert persist.journal.append(JournalKind.DEFLATE, PfnArray.from_list(pfns[1000:1200]))
+    expected = state_of(memory)
+    persist.journal.close()
+
+    again, again_huge = make_memory(memfd)
+    restored = persistence(tmp_path, again, again_huge).restore(inflate_base=7)
+    assert restored is not None and restored.journal_records == 2
+    assert state_of(again) == expected and restored.ballooned_pages == 1300
+
+
+def test_a_journal_with_a_kind_it_does_not_know_is_not_replayed(tmp_path, memfd, capsys):
+    """Skipping a record could skip a deflate: the state is ignored instead."""
+    memory, huge = make_memory(memfd)
+    persist = persistence(tmp_path, memory, huge)
+    persist.start(inflate_base=0, actual=0)
+    inflate(memory, huge, all_pfns()[:100], persist)
+    assert persist.journal.append(99, b"\0\0\0\0")
+    persist.journal.close()
+
+    again, again_huge = make_memory(memfd)
+    assert persistence(tmp_path, again, again_huge).restore(inflate_base=7) is None
+    assert again.ballooned_pages == 0
+    assert "unknown kinds" in capsys.readouterr().out

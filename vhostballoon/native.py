@@ -3,10 +3,16 @@
 This is the only module that imports the cffi extension; the rest of the
 project uses the classes below and never sees a cdata.
 
-Threading: cffi releases the GIL during every C call.  ``GuestMemory.discard``,
-``discard_range`` and ``discard_ranges`` may run in a worker thread while the
-event loop pops and pushes on virtqueues; they only write the per-region
-discard fields.  Adding, removing or clearing regions must not overlap any
+The core works on ranges of guest addresses (``RangeList``): a popped
+buffer becomes ranges through the sink of its format (``Virtqueue.pop_pfn32``,
+``pop_extents``), and the bitmap update, the huge page tracker, the discard
+engine and the journal take ranges.  ``PfnArray`` is for callers that hold
+page numbers (tests, old journals): ``RangeList.from_pfns`` turns them into
+ranges as the PFN32 sink does.
+
+Threading: cffi releases the GIL during every C call.  ``GuestMemory.discard_ranges``
+may run in a worker thread while the event loop pops and pushes on
+virtqueues; it only writes the per-region discard fields.  Adding, removing or clearing regions must not overlap any
 other call (the server serialises them with a lock).  The huge page tracker
 (``track_*``, ``collect_pending``) runs under that same lock, and the ranges
 it hands out must be discarded before the lock is released: a deflate that
@@ -204,6 +210,30 @@ class RangeList:
         out.n = out.capacity
         return out
 
+    @classmethod
+    def from_pfns(cls, pfns: PfnArray | Sequence[int], memory: GuestMemory | None = None) -> RangeList:
+        """Page numbers as ranges, in their order, consecutive ascending ones
+        joined (not across a region end of ``memory``), as the PFN32 sink
+        makes them from a buffer: nothing dropped, nothing sorted."""
+        if not isinstance(pfns, PfnArray):
+            pfns = PfnArray.from_list(pfns)
+        out = cls(pfns.n)
+        mem = ffi.NULL if memory is None else memory._table()
+        out.n = lib.vb_ranges_from_pfns(mem, pfns.cdata, pfns.n, out.cdata)
+        return out
+
+    def pfns(self) -> list[int]:
+        """The 4 KiB page numbers the ranges cover, in order (for tests and logs)."""
+        out: list[int] = []
+        for gpa, length in self.tolist():
+            first = gpa >> PAGE_SHIFT
+            out.extend(range(first, first + ((length + PAGE_SIZE - 1) >> PAGE_SHIFT)))
+        return out
+
+    @property
+    def pages(self) -> int:
+        return sum((self.cdata[i].len + PAGE_SIZE - 1) >> PAGE_SHIFT for i in range(self.n))
+
     def __add__(self, other: RangeList) -> RangeList:
         """Both lists' ranges, self's first (a new list)."""
         out = RangeList(self.n + other.n)
@@ -251,10 +281,38 @@ def fd_backing(fd: int) -> tuple[str, int]:
 
 @dataclass
 class BalloonUpdate:
-    changed: PfnArray       # PFNs whose state flipped, in input order
-    n_invalid: int          # PFNs outside guest memory (ignored)
-    first_invalid: int | None
+    changed: RangeList      # pages whose state flipped, as ranges in input order
+    n_invalid: int          # pages outside guest memory (ignored)
+    first_invalid: int | None  # the first of them, a PFN
     n_unchanged: int        # already in the requested state (incl. duplicates)
+    first_unchanged: int | None = None  # the first of them, a PFN
+    refused: int = 0        # whole: inflate ranges refused (already partly ballooned)
+
+
+# Why the extents sink or a whole update refused a range (vb_core.h VB_REFUSE_*).
+REFUSE_REASONS = {
+    lib.VB_REFUSE_EMPTY: "empty", lib.VB_REFUSE_UNALIGNED: "not 4 KiB aligned",
+    lib.VB_REFUSE_WRAPS: "wraps around", lib.VB_REFUSE_OUTSIDE: "not inside one region of guest memory",
+    lib.VB_REFUSE_OVERLAP: "overlaps another range of the buffer",
+    lib.VB_REFUSE_BALLOONED: "already in the balloon",
+}
+
+
+@dataclass(frozen=True)
+class PoppedBatch:
+    """What a sink made of the buffers one pop took (``Virtqueue.pop_pfn32``,
+    ``pop_extents``)."""
+
+    heads: list[int]
+    ranges: RangeList       # the queue's own buffer: valid until its next pop
+    items: int              # PFNs or descriptors in the buffers
+    refused: int = 0        # extents: ranges refused, never to be used
+    first_refused: tuple[int, int] | None = None  # (gpa, len) as the guest wrote it
+    first_refused_why: str | None = None
+
+
+def _as_ranges(ranges: RangeList | PfnArray, memory: GuestMemory) -> RangeList:
+    return RangeList.from_pfns(ranges, memory) if isinstance(ranges, PfnArray) else ranges
 
 
 def _errbuf():
@@ -418,39 +476,36 @@ class GuestMemory:
 
     # -- balloon -----------------------------------------------------------------
 
-    def balloon_update(self, pfns: PfnArray, inflate: bool) -> BalloonUpdate:
-        """Mark pfns ballooned (inflate) or not; report which ones flipped."""
+    def balloon_update(self, ranges: RangeList | PfnArray, inflate: bool, *, whole: bool = False,
+                       want_changed: bool = True) -> BalloonUpdate:
+        """Mark the pages of ranges ballooned (inflate) or not, page by page
+        in order; report which ones flipped.  ``whole``: an inflate range
+        with any page ballooned already is refused as a whole (extents)."""
         mem = self._table()
-        changed = PfnArray(pfns.n)
-        counts = ffi.new("uint32_t[3]")  # n_invalid, first_invalid, n_unchanged
-        changed.n = lib.vb_balloon_update(
-            mem, pfns.cdata, pfns.n, 1 if inflate else 0, changed.cdata, counts, counts + 1, counts + 2
-        )
-        n_invalid = counts[0]
+        ranges = _as_ranges(ranges, self)
+        changed = RangeList((ranges.n if whole else ranges.pages) if want_changed else 0)
+        st = ffi.new("vb_update *")
+        n = lib.vb_balloon_update(mem, ranges.cdata, ranges.n, 1 if inflate else 0, 1 if whole else 0,
+                                  changed.cdata if want_changed else ffi.NULL, changed.capacity, st)
+        if n < 0:  # capacity is enough by construction
+            raise NativeError(f"vb_balloon_update: no room for the changed ranges of {ranges!r}")
+        changed.n = max(n, 0) if want_changed else 0
         return BalloonUpdate(
             changed=changed,
-            n_invalid=n_invalid,
-            first_invalid=counts[1] if n_invalid else None,
-            n_unchanged=counts[2],
+            n_invalid=st.invalid_pages,
+            first_invalid=st.first_invalid_gpa >> PAGE_SHIFT if st.invalid_pages else None,
+            n_unchanged=st.unchanged_pages,
+            first_unchanged=st.first_unchanged_gpa >> PAGE_SHIFT if st.unchanged_pages else None,
+            refused=st.refused,
         )
 
+    def merge(self, ranges: RangeList) -> RangeList:
+        """Sort ranges by address and join those that overlap or touch within
+        one region, in place (returns ranges)."""
+        ranges.n = lib.vb_ranges_merge(self._table(), ranges.cdata, ranges.n)
+        return ranges
+
     # -- discard -----------------------------------------------------------------
-
-    def discard(self, pfns: PfnArray) -> DiscardStats:
-        """Free the host memory behind pfns.  Blocking; sorts pfns in place."""
-        mem = self._table()
-        st = ffi.new("vb_discard_stats *")
-        lib.vb_discard_pfns(mem, pfns.cdata, pfns.n, st)
-        return DiscardStats._from_c(st)
-
-    def discard_range(self, gpa: int, length: int) -> DiscardStats:
-        """Free [gpa, gpa+length): page aligned, inside one region.  Blocking."""
-        mem = self._table()
-        if not (0 <= gpa < 1 << 64 and 0 <= length < 1 << 64):
-            raise ValueError(f"range gpa {gpa:#x} length {length:#x} is not 64-bit")
-        st = ffi.new("vb_discard_stats *")
-        lib.vb_discard_range(mem, gpa, length, st)
-        return DiscardStats._from_c(st)
 
     def discard_ranges(self, ranges: RangeList) -> DiscardStats:
         """Free each range (one fallocate per range, or madvise where that is
@@ -477,23 +532,26 @@ class GuestMemory:
                                   err, _ERRLEN) < 0:
             raise MemoryTableError(_errtext(err))
 
-    def track_inflate(self, changed: PfnArray) -> RangeList:
-        """Count PFNs that just became ballooned (``balloon_update(...).changed``)
-        per huge page.  Returns what may be freed now: each huge page that
-        became wholly ballooned as one range, and the pages of regions that
-        do not defer (coalesced).  The rest is pending."""
+    def track_inflate(self, changed: RangeList | PfnArray) -> RangeList:
+        """Count pages that just became ballooned (``balloon_update(...).changed``)
+        per huge page.  Returns what may be freed now: the huge pages that
+        became wholly ballooned (a range covering whole huge pages: as they
+        are), and the pages of regions that do not defer (coalesced).  The
+        rest is pending."""
         mem = self._table()
+        changed = _as_ranges(changed, self)
         out = RangeList(changed.n)
         n = lib.vb_track_inflate(mem, changed.cdata, changed.n, out.cdata, out.capacity)
         if n < 0:  # capacity is n by construction
-            raise NativeError(f"vb_track_inflate: {changed.n} PFNs but room for {out.capacity} ranges")
+            raise NativeError(f"vb_track_inflate: {changed.n} ranges but room for {out.capacity}")
         out.n = n
         return out
 
-    def track_deflate(self, changed: PfnArray) -> int:
-        """PFNs that just left the balloon: never to be freed from now on.
+    def track_deflate(self, ranges: RangeList | PfnArray) -> int:
+        """Pages that just left the balloon: never to be freed from now on.
         Returns how many of them were pending."""
-        return lib.vb_track_deflate(self._table(), changed.cdata, changed.n)
+        ranges = _as_ranges(ranges, self)
+        return lib.vb_track_deflate(self._table(), ranges.cdata, ranges.n)
 
     def collect_pending(self, region: int | None = None) -> RangeList:
         """Take every pending page (of one region, or all) that a punch can
@@ -578,10 +636,11 @@ class GuestMemory:
 
 
 class Virtqueue:
-    """Device side of one split virtqueue carrying le32 PFN arrays.
+    """Device side of one split virtqueue.
 
-    Owns its PFN and head buffers: the PfnArray returned by pop_pfns is one
-    of them, valid only until the next pop_pfns on this queue.
+    Owns its range and head buffers: the RangeList a pop returns is one of
+    them, valid only until the next pop on this queue.  ``max_pfns``: the
+    items (PFNs, or descriptors of an extents buffer) one pop takes.
     """
 
     def __init__(self, index: int, max_pfns: int = 65536, max_heads: int = 1024) -> None:
@@ -589,10 +648,11 @@ class Virtqueue:
             raise ValueError(f"queue {index}: max_pfns {max_pfns} / max_heads {max_heads} out of range")
         self.index = index
         self._vq = ffi.new("vb_vq *")
-        self._pfns = PfnArray(max_pfns)
+        self._popped = RangeList(max_pfns)
+        self._max_items = max_pfns
         self._heads = ffi.new("uint16_t[]", max_heads)
         self._max_heads = max_heads
-        self._n_pfns = ffi.new("uint32_t *")
+        self._batch = ffi.new("vb_batch *")
         self._ranges = None  # vb_desc_range[MAX_RANGES_PER_POP], made on the first pop_ranges
         self._counts = None
         self._mem: GuestMemory | None = None
@@ -658,28 +718,38 @@ class Virtqueue:
     def num(self) -> int:
         return self._vq.num
 
-    def pop_pfns(self, mem: GuestMemory) -> tuple[list[int], PfnArray]:
-        """Pop every whole buffer available now (within this queue's limits).
-
-        Returns (heads, pfns); pfns is this queue's own buffer, overwritten
-        by the next pop_pfns.  Buffers that do not fit stay for the next
-        call.  On RingError nothing is consumed.
-        """
+    def _pop(self, pop, name: str, mem: GuestMemory) -> PoppedBatch:
         self._check_mapped()
         if mem is not self._mem:
-            raise self._fail("pop_pfns with a different memory table than setup")
+            raise self._fail(f"{name} with a different memory table than setup")
         err = _errbuf()
-        pfns = self._pfns
-        count = lib.vb_vq_pop_pfns(
-            self._vq, mem._mem, pfns.cdata, pfns.capacity, self._n_pfns,
-            self._heads, self._max_heads, err, _ERRLEN,
-        )
+        out, batch = self._popped, self._batch
+        count = pop(self._vq, mem._mem, out.cdata, self._max_items, batch, self._heads, self._max_heads,
+                    err, _ERRLEN)
         if count < 0:
-            pfns.n = 0
+            out.n = 0
             raise self._fail(_errtext(err))
-        pfns.n = self._n_pfns[0]
-        heads = ffi.unpack(self._heads, count) if count else []
-        return heads, pfns
+        out.n = batch.n_ranges
+        return PoppedBatch(
+            heads=ffi.unpack(self._heads, count) if count else [], ranges=out, items=batch.items,
+            refused=batch.refused,
+            first_refused=(batch.first_refused_gpa, batch.first_refused_len) if batch.refused else None,
+            first_refused_why=REFUSE_REASONS.get(batch.first_refused_why) if batch.refused else None,
+        )
+
+    def pop_pfn32(self, mem: GuestMemory) -> PoppedBatch:
+        """Pop every whole buffer available now (within this queue's limits)
+        whose descriptors carry le32 PFN arrays, as ranges (the PFN32 sink):
+        page by page the PFNs in order, outside ones included.  Buffers that
+        do not fit stay for the next call.  On RingError nothing is consumed."""
+        return self._pop(lib.vb_vq_pop_pfn32, "pop_pfn32", mem)
+
+    def pop_extents(self, mem: GuestMemory) -> PoppedBatch:
+        """Pop every whole buffer available now whose device-readable
+        descriptors are each one range (the EXTENTS sink); ranges unfit for
+        inflate/deflate are refused (counted, first one named), the buffer
+        still taken.  On RingError nothing is consumed."""
+        return self._pop(lib.vb_vq_pop_extents, "pop_extents", mem)
 
     def pop_ranges(self, mem: GuestMemory, *, writable: bool) -> list[tuple[int, list[DescRange]]]:
         """Pop every whole buffer available now and return its descriptors:
@@ -811,10 +881,14 @@ class WorkerCounters:
     running: bool = False
     journal_waits: int = 0
     journal_dropped: int = 0
+    refused: int = 0  # ranges refused (extents: malformed, or inflating ballooned pages)
+    last_refused: tuple[int, int] = (0, 0)  # (gpa, len) of the first refused of the latest batch with one
+    last_refused_why: str = ""
 
     # Not running totals: minus() keeps the later value (discard: its own minus).
     _LATEST: ClassVar[frozenset[str]] = frozenset(
-        {"last_invalid_pfn", "last_unchanged_pfn", "discard", "broken", "running"}
+        {"last_invalid_pfn", "last_unchanged_pfn", "last_refused", "last_refused_why", "discard", "broken",
+         "running"}
     )
 
     def minus(self, earlier: WorkerCounters) -> WorkerCounters:
@@ -833,26 +907,31 @@ class WorkerCounters:
 
 
 class QueueWorker:
-    """A C thread serving one inflate or deflate queue (csrc/serve.c): per
-    kick it pops, updates the bitmap and the huge page tracker, frees, fills
-    the used ring and signals, all under the NativeLock.
+    """A C thread serving one queue that moves pages (csrc/serve.c): per
+    kick it pops with the sink of the queue's buffer format, updates the
+    bitmap and the huge page tracker, frees, journals, fills the used ring
+    and signals, all under the NativeLock.  ``format`` (a
+    ``device.queues.BufferFormat``), the direction and ``journal_kind`` come
+    from the queue's row of the queue table.
 
     It keeps the memory table, the lock and the queue alive until freed.
     Stop it before the memory table is closed or the queue replaced:
     request_stop(), then (once the caller holds the lock, the worker no
     longer touches the queue) join() in a thread, then free()."""
 
-    def __init__(self, mem: GuestMemory, lock: NativeLock, vq: Virtqueue, *, inflate: bool,
-                 kick_fd: int, call_fd: int | None, notify_fd: int | None, flush_pages: int,
-                 journal: PageJournal | None = None, config: ConfigMailbox | None = None) -> None:
+    def __init__(self, mem: GuestMemory, lock: NativeLock, vq: Virtqueue, *, format: int, inflate: bool,
+                 journal_kind: int, kick_fd: int, call_fd: int | None, notify_fd: int | None,
+                 flush_pages: int, journal: PageJournal | None = None,
+                 config: ConfigMailbox | None = None) -> None:
         vq._check_mapped()
         if mem is not vq._mem:
             raise vq._fail("worker started with a different memory table than setup")
         err = _errbuf()
         worker = lib.vb_worker_start(
-            mem._table(), lock._lock, vq._vq, 1 if inflate else 0, kick_fd,
+            mem._table(), lock._lock, vq._vq, int(format),
+            lib.VB_DIRECTION_INFLATE if inflate else lib.VB_DIRECTION_DEFLATE, kick_fd,
             -1 if call_fd is None else call_fd, -1 if notify_fd is None else notify_fd,
-            flush_pages, ffi.NULL if journal is None else journal._journal,
+            flush_pages, ffi.NULL if journal is None else journal._journal, int(journal_kind),
             ffi.NULL if config is None else config._config, err, _ERRLEN,
         )
         if worker == ffi.NULL:
@@ -877,11 +956,6 @@ class QueueWorker:
         waits to be asked again: the session's flush deadline covers them)."""
         lib.vb_worker_notice_pending(self._worker)
 
-    def set_journal(self, journal: PageJournal | None) -> None:
-        """Hold the lock.  Every batch is journaled before its buffers go back."""
-        lib.vb_worker_set_journal(self._worker, ffi.NULL if journal is None else journal._journal)
-        self._journal = journal  # kept alive while the worker may append
-
     def counters(self) -> WorkerCounters:
         c = self._counters
         lib.vb_worker_get_counters(self._worker, c)
@@ -893,6 +967,8 @@ class QueueWorker:
             discard=DiscardStats._from_c(c.discard),
             broken=_errtext(c.error) if c.broken else None, running=bool(c.running),
             journal_waits=c.journal_waits, journal_dropped=c.journal_dropped,
+            refused=c.refused, last_refused=(c.last_refused_gpa, c.last_refused_len),
+            last_refused_why=REFUSE_REASONS.get(c.last_refused_why, "") if c.refused else "",
         )
 
     def request_stop(self) -> None:
@@ -1108,7 +1184,7 @@ def fault_discard_log() -> list[tuple[float, float, int]]:
 class PageJournal:
     """Appends page-journal records (csrc/persist.c) to a writable buffer
     the caller owns, e.g. a MAP_SHARED mmap; the C queue workers append to
-    the same journal (QueueWorker.set_journal).  Call close() before the
+    the same journal (QueueWorker's journal).  Call close() before the
     buffer is closed."""
 
     def __init__(self, buffer) -> None:
@@ -1133,6 +1209,10 @@ class PageJournal:
             raise ValueError(f"journal values of {len(values)} bytes are not le32 words")
         data = ffi.from_buffer("uint32_t[]", values) if values else ffi.NULL
         return lib.vb_journal_append(self._journal, kind, data, len(values) // 4)
+
+    def append_ranges(self, kind: int, ranges: RangeList) -> int:
+        """A record of ranges (le64 gpa, le64 len each); as append."""
+        return lib.vb_journal_append_ranges(self._journal, kind, ranges.cdata, ranges.n)
 
     def close(self) -> None:
         if self._journal is not None:

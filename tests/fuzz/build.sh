@@ -6,7 +6,7 @@
 #
 # Needs clang with libFuzzer (FUZZ_CC picks another clang); on Debian 12: apt-get install -y clang
 # (which brings clang-14 and libclang-rt-14-dev, where libFuzzer lives).
-# fuzz_ranges (free page reporting walker) is built only when csrc/vb.h
+# fuzz_ranges (free page reporting walker) is built only when csrc/vb_core.h
 # declares vb_vq_pop_ranges.  Prints the path of each binary it built.
 set -euo pipefail
 
@@ -21,10 +21,10 @@ mkdir -p "$out"
 flags=(-g -O1 -fno-omit-frame-pointer -std=gnu11
        -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
        -I"$repo/csrc" -I"$here")
-core=("$repo/csrc/mem.c" "$repo/csrc/vring.c" "$repo/csrc/discard.c" "$repo/csrc/track.c")
+core=("$repo/csrc/mem.c" "$repo/csrc/ranges.c" "$repo/csrc/vring.c" "$repo/csrc/discard.c" "$repo/csrc/track.c")
 
 harnesses=(fuzz_ring)
-if grep -q 'vb_vq_pop_ranges' "$repo/csrc/vb.h"; then
+if grep -q 'vb_vq_pop_ranges' "$repo/csrc/vb_core.h"; then
     harnesses+=(fuzz_ranges)
 fi
 for h in "${harnesses[@]}"; do

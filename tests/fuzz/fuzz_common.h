@@ -30,7 +30,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "vb.h"
+#include "vb_core.h"
 
 #define FZ_PAGE 4096u
 #define FZ_MAX_REGIONS 3
@@ -362,15 +362,39 @@ static void fz_check_balloon_update(fz_guest *g, const uint32_t *pfns, uint32_t 
     }
 }
 
-/* vb_balloon_update of n PFNs, checked as above; returns how many changed
- * (in changed[], which has room for n). */
+/* The pages of ranges as PFNs, in order, into pfns[] (room for max). */
+static uint32_t fz_range_pfns(const vb_range *ranges, uint32_t n, uint32_t *pfns, uint32_t max)
+{
+    uint32_t out = 0;
+
+    for (uint32_t k = 0; k < n; k++) {
+        for (uint64_t a = ranges[k].gpa; a < ranges[k].gpa + ranges[k].len; a += FZ_PAGE) {
+            FZ_CHECK(out < max, "ranges hold more than %u pages", max);
+            pfns[out++] = (uint32_t)(a / FZ_PAGE);
+        }
+    }
+    return out;
+}
+
+/* vb_balloon_update of n PFNs (as the PFN32 sink makes ranges of them),
+ * checked as above; returns how many pages changed (in changed[], which
+ * has room for n, as PFNs in input order). */
 static uint32_t fz_balloon_update(fz_guest *g, const uint32_t *pfns, uint32_t n, int inflate, uint32_t *changed)
 {
-    uint32_t n_invalid, first_invalid, n_unchanged;
-    uint32_t nchanged = vb_balloon_update(g->mem, pfns, n, inflate, changed, &n_invalid, &first_invalid,
-                                          &n_unchanged);
+    vb_range *in = malloc((n ? n : 1) * sizeof(vb_range)), *out = malloc((n ? n : 1) * sizeof(vb_range));
+    uint32_t nin = vb_ranges_from_pfns(g->mem, pfns, n, in), nchanged;
+    vb_update st;
+    int nr;
 
-    fz_check_balloon_update(g, pfns, n, inflate, changed, nchanged, n_invalid, n_unchanged);
+    FZ_CHECK(in != NULL && out != NULL, "out of memory");
+    nr = vb_balloon_update(g->mem, in, nin, inflate, 0, out, n, &st);
+    FZ_CHECK(nr >= 0, "vb_balloon_update refused room for %u pages", n);
+    nchanged = fz_range_pfns(out, (uint32_t)nr, changed, n);
+    FZ_CHECK(st.changed_pages == nchanged, "changed_pages %" PRIu64 ", ranges hold %u", st.changed_pages, nchanged);
+    fz_check_balloon_update(g, pfns, n, inflate, changed, nchanged, (uint32_t)st.invalid_pages,
+                            (uint32_t)st.unchanged_pages);
+    free(in);
+    free(out);
     return nchanged;
 }
 

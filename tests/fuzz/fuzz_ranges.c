@@ -1,7 +1,7 @@
 /*
  * libFuzzer harness: the descriptor walker of the reporting and stats queues
  * (vb_vq_pop_ranges) and the helpers that check a reported range
- * (vb_mem_region_of, vb_mem_ballooned_in_range, vb_discard_range).
+ * (vb_mem_region_of, vb_mem_ballooned_in_range, vb_discard_ranges).
  *
  * Same guest layout as fuzz_ring.c (fuzz_common.h).  Operations:
  *
@@ -57,8 +57,9 @@ static void check_range(fz_guest *g, const vb_desc_range *d, int sealed)
     }
     if (ballooned == 0) {   /* a free range the guest reports: freed */
         vb_discard_stats st;
+        vb_range one = {d->addr, d->len};
 
-        vb_discard_range(g->mem, d->addr, d->len, &st);
+        vb_discard_ranges(g->mem, &one, 1, &st);
         FZ_CHECK(st.bytes_freed + st.bytes_failed == d->len && st.pages_outside == 0,
                  "discard of 0x%" PRIx64 "+%u: freed %" PRIu64 " failed %" PRIu64 " outside %" PRIu64,
                  d->addr, d->len, st.bytes_freed, st.bytes_failed, st.pages_outside);

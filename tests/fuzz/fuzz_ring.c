@@ -7,9 +7,10 @@
  * indirect tables, PFN arrays: all of it from the input), then runs a list
  * of operations:
  *
- *   0 pop        vb_vq_pop_pfns, then as the session: vb_balloon_update,
- *                vb_track_inflate (+ discard) or vb_track_deflate,
- *                vb_vq_push_used, vb_vq_should_signal, vb_vq_pending
+ *   0 pop        vb_vq_pop_pfn32 or (mode bit 8) vb_vq_pop_extents, then
+ *                as the worker: vb_balloon_update, vb_track_inflate
+ *                (+ discard) or vb_track_deflate, vb_vq_push_used,
+ *                vb_vq_should_signal, vb_vq_pending
  *   1 write      the guest rewrites some bytes (rings change under us)
  *   2 collect    vb_track_collect (+ discard) of one region or all
  *   3 configure  vb_track_configure: granule, backing, THP
@@ -37,9 +38,11 @@ static void balloon_and_track(fz_guest *g, const uint32_t *pfns, uint32_t n, int
                               int sealed, uint32_t *changed, vb_range *ranges)
 {
     uint32_t nchanged = fz_balloon_update(g, pfns, n, inflate, changed);
+    static vb_range in[MAX_PFNS];
+    uint32_t nin = vb_ranges_from_pfns(g->mem, changed, nchanged, in);
 
     if (inflate) {
-        int nr = vb_track_inflate(g->mem, changed, nchanged, ranges, nchanged);
+        int nr = vb_track_inflate(g->mem, in, nin, ranges, nin);
 
         FZ_CHECK(nr >= 0 && (uint32_t)nr <= nchanged, "vb_track_inflate returned %d for %u PFNs", nr, nchanged);
         for (int k = 0; k < nr; k++) {
@@ -48,9 +51,63 @@ static void balloon_and_track(fz_guest *g, const uint32_t *pfns, uint32_t n, int
         fz_discard(g, ranges, (uint32_t)nr, sealed);
         fz_check_pending(g);
     } else if (track_deflate) {
-        vb_track_deflate(g->mem, changed, nchanged);
+        vb_track_deflate(g->mem, in, nin);
         fz_check_pending(g);
     }
+}
+
+/* An extents batch as the worker serves it: every range the sink kept is
+ * aligned, non-empty and inside one region, and no two of one buffer
+ * overlap (checked in the sink; here only in and out of the table); the
+ * update judges each whole (an inflate of ballooned pages is refused),
+ * the shadow follows the same rule; then the tracker. */
+static void extents_and_track(fz_guest *g, const vb_range *got, uint32_t n, int inflate, int sealed,
+                              vb_range *ranges)
+{
+    static vb_range changed[MAX_PFNS];
+    vb_update st;
+    uint64_t refused = 0, flipped = 0;
+    int nr;
+
+    for (uint32_t k = 0; k < n; k++) {
+        FZ_CHECK(got[k].len != 0 && ((got[k].gpa | got[k].len) % FZ_PAGE) == 0 &&
+                 vb_mem_region_of(g->mem, got[k].gpa, got[k].len) >= 0,
+                 "extents sink kept 0x%" PRIx64 "+0x%" PRIx64, got[k].gpa, got[k].len);
+    }
+    nr = vb_balloon_update(g->mem, got, n, inflate, 1, changed, MAX_PFNS, &st);
+    FZ_CHECK(nr >= 0, "vb_balloon_update(whole) refused room for %u ranges", n);
+    /* The shadow, range by range. */
+    for (uint32_t k = 0; k < n; k++) {
+        uint64_t first = got[k].gpa / FZ_PAGE, pages = got[k].len / FZ_PAGE, page, any = 0;
+        fz_region *fr = fz_region_of_pfn(g, (uint32_t)first, &page);
+
+        FZ_CHECK(fr != NULL, "kept range 0x%" PRIx64 " is in no region", got[k].gpa);
+        for (uint64_t p = 0; p < pages; p++) {
+            any |= fr->shadow[page + p];
+        }
+        if (inflate && any) {
+            refused++;
+            continue;
+        }
+        for (uint64_t p = 0; p < pages; p++) {
+            flipped += fr->shadow[page + p] != (inflate ? 1 : 0);
+            fr->shadow[page + p] = inflate ? 1 : 0;
+        }
+    }
+    FZ_CHECK(st.refused == refused && st.changed_pages == flipped,
+             "whole update: refused %" PRIu64 " changed %" PRIu64 ", shadow says %" PRIu64 " and %" PRIu64,
+             st.refused, st.changed_pages, refused, flipped);
+    if (inflate) {
+        nr = vb_track_inflate(g->mem, changed, (uint32_t)nr, ranges, (uint32_t)nr);
+        FZ_CHECK(nr >= 0, "vb_track_inflate returned %d", nr);
+        for (int k = 0; k < nr; k++) {
+            fz_check_range_is_ballooned(g, &ranges[k], "vb_track_inflate (extents)");
+        }
+        fz_discard(g, ranges, (uint32_t)nr, sealed);
+    } else {
+        vb_track_deflate(g->mem, got, n);
+    }
+    fz_check_pending(g);
 }
 
 static void op_pop(fz_guest *g, fz_in *in, int sealed)
@@ -70,7 +127,31 @@ static void op_pop(fz_guest *g, fz_in *in, int sealed)
         return;
     }
     err[0] = '\0';
-    popped = vb_vq_pop_pfns(&g->vq, g->mem, pfns, max_pfns, &n, heads, max_heads, err, sizeof err);
+    {
+        static vb_range got[MAX_PFNS];
+        vb_batch batch;
+
+        if (how & 8) {
+            popped = vb_vq_pop_extents(&g->vq, g->mem, got, max_pfns, &batch, heads, max_heads, err, sizeof err);
+        } else {
+            popped = vb_vq_pop_pfn32(&g->vq, g->mem, got, max_pfns, &batch, heads, max_heads, err, sizeof err);
+        }
+        if (popped < 0) {
+            n = 0;
+        } else if (how & 8) {
+            FZ_CHECK(batch.n_ranges + batch.refused == batch.items, "extents: %u kept + %" PRIu64
+                     " refused of %" PRIu64, batch.n_ranges, batch.refused, batch.items);
+            n = (uint32_t)batch.items;
+            FZ_TRACE("pop extents max %u max_heads %u %s: %d buffers, %u ranges", max_pfns, max_heads,
+                     inflate ? "inflate" : "deflate", popped, batch.n_ranges);
+            FZ_CHECK(n <= max_pfns, "%u ranges popped, room for %u", n, max_pfns);
+            extents_and_track(g, got, batch.n_ranges, inflate, sealed, ranges);
+            goto pushed;
+        } else {
+            n = fz_range_pfns(got, batch.n_ranges, pfns, MAX_PFNS);
+            FZ_CHECK(n == batch.items, "pfn32: ranges cover %u pages of %" PRIu64 " PFNs", n, batch.items);
+        }
+    }
     FZ_TRACE("pop max_pfns %u max_heads %u %s: %d buffers, %u PFNs %s", max_pfns, max_heads,
              inflate ? "inflate" : "deflate", popped, popped < 0 ? 0 : n, popped < 0 ? err : "");
     if (popped < 0) {
@@ -91,6 +172,7 @@ static void op_pop(fz_guest *g, fz_in *in, int sealed)
     }
 
     balloon_and_track(g, pfns, n, inflate, 1, sealed, changed, ranges);
+pushed:
     if (popped > 0) {
         uint32_t lens[MAX_HEADS];
 

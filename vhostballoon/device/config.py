@@ -1,4 +1,4 @@
-"""The virtio-balloon configuration space (virtio 1.2, 5.5.4): its layout.
+"""The virtio-balloon configuration space (virtio 1.2, 5.5.4): access rules.
 
 All fields are le32 (the device is VERSION_1 only):
 
@@ -7,22 +7,32 @@ All fields are le32 (the device is VERSION_1 only):
     free_page_hint_cmd_id  FREE_PAGE_HINT only
     poison_val             PAGE_POISON only: the guest's poison pattern
 
-The values live in one place, the C mailbox (``csrc/config.c``, read and
-written through ``native.ConfigMailbox``), which also holds the rule for a
-guest write.  The C side gets this layout from a header generated from this
-file at build time, so this file uses the standard library only.
+Where they lie is written once, in ``config_layout.py`` (the C side gets it
+from the header generated at build time).  The values live in one place, the
+C mailbox (``csrc/config.c``, read and written through
+``native.ConfigMailbox``), which also holds the rule for a guest write.
 """
 
 from __future__ import annotations
 
-# The fields in order, each le32.
-CONFIG_FIELDS = ("num_pages", "actual", "free_page_hint_cmd_id", "poison_val")
-CONFIG_OFFSETS = {name: 4 * i for i, name in enumerate(CONFIG_FIELDS)}
-CONFIG_SIZE = 4 * len(CONFIG_FIELDS)  # 16; QEMU's config_size must equal it
-NUM_PAGES_OFFSET = CONFIG_OFFSETS["num_pages"]
-ACTUAL_OFFSET = CONFIG_OFFSETS["actual"]
-FREE_PAGE_HINT_CMD_ID_OFFSET = CONFIG_OFFSETS["free_page_hint_cmd_id"]
-POISON_OFFSET = CONFIG_OFFSETS["poison_val"]
+from .config_layout import (
+    ACTUAL_OFFSET,
+    CONFIG_SIZE,
+    FREE_PAGE_HINT_CMD_ID_OFFSET,
+    NUM_PAGES_OFFSET,
+    POISON_OFFSET,
+)
+
+# Re-exported: the layout's one home is config_layout.
+__all__ = [
+    "ACTUAL_OFFSET",
+    "CONFIG_SIZE",
+    "FREE_PAGE_HINT_CMD_ID_OFFSET",
+    "NUM_PAGES_OFFSET",
+    "POISON_OFFSET",
+    "ConfigAccessError",
+    "check_access",
+]
 
 
 class ConfigAccessError(ValueError):

@@ -299,13 +299,13 @@ class HugePageTracker:
             del self.backings[key]
         return found
 
-    def inflated(self, changed: PfnArray) -> RangeList:
-        """After an inflate batch: what to free now (whole huge pages, and
-        pages of regions that do not defer)."""
+    def inflated(self, changed: RangeList | PfnArray) -> RangeList:
+        """After an inflate batch (the ranges that flipped): what to free now
+        (whole huge pages, and pages of regions that do not defer)."""
         return self.memory.track_inflate(changed)
 
-    def deflated(self, changed: PfnArray) -> int:
-        """After a deflate batch: those pages will never be freed now."""
+    def deflated(self, changed: RangeList | PfnArray) -> int:
+        """After a deflate batch (its ranges): those pages will never be freed now."""
         return self.memory.track_deflate(changed)
 
     def state(self, now_ns: int | None = None) -> PendingState:

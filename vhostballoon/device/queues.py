@@ -81,9 +81,9 @@ class QueueSpec:
 
 QUEUES: tuple[QueueSpec, ...] = (
     QueueSpec(QueueRole.INFLATE, BufferFormat.PFN32, Direction.INFLATE, 0,
-              Server.C_THREAD, False, JournalKind.INFLATE),
+              Server.C_THREAD, False, JournalKind.INFLATE_RANGES),
     QueueSpec(QueueRole.DEFLATE, BufferFormat.PFN32, Direction.DEFLATE, 0,
-              Server.C_THREAD, False, JournalKind.DEFLATE),
+              Server.C_THREAD, False, JournalKind.DEFLATE_RANGES),
     QueueSpec(QueueRole.STATS, BufferFormat.STATS, Direction.STATS, int(BalloonFeature.STATS_VQ),
               Server.PYTHON, False, None),
     QueueSpec(QueueRole.FREE_PAGE_HINT, BufferFormat.HINT, Direction.HINT, int(BalloonFeature.FREE_PAGE_HINT),

@@ -11,8 +11,9 @@ the operator's target):
   a few hundred bytes when the balloon is a few runs).  Replaced
   atomically (write, fsync, rename, fsync the directory).
 - ``pages.journal``, a **journal** of what changed since that snapshot:
-  each inflate and deflate batch's PFNs that flipped, each flush of pending
-  pages, each ``actual`` the guest wrote.  It is a fixed-size file mapped
+  each inflate batch's pages that flipped and each deflate batch's ranges
+  (as ranges of guest addresses), each flush of pending pages, each
+  ``actual`` the guest wrote.  It is a fixed-size file mapped
   MAP_SHARED: appending a record is a memory copy (no system call, no
   fsync), done before the batch's buffers go back to the guest.  Every
   record carries the snapshot's epoch and a CRC32; replay stops at the
@@ -102,7 +103,7 @@ from pathlib import Path
 import structlog
 
 from ..device.journal_kinds import JournalKind
-from ..device.queues import QueueRole
+from ..device.queues import SPECS, QueueRole
 from ..device.hugepages import HugePageTracker
 from ..native import PAGE_SHIFT, PAGE_SIZE, GuestMemory, MemoryTableError, PageJournal, PfnArray, RangeList
 from .state import DEFAULT_SNAPSHOT_INTERVAL, atomic_write
@@ -111,17 +112,34 @@ log = structlog.get_logger("vhostballoon.persist")
 
 SNAPSHOT_FILE = "pages.json"
 JOURNAL_FILE = "pages.journal"
-SNAPSHOT_VERSION = 1
+# Format 2: the journal records inflates and deflates as ranges (kinds
+# INFLATE_RANGES, DEFLATE_RANGES); the snapshot itself is as in format 1.
+# A format 1 state (PFN list kinds INFLATE, DEFLATE) is still read; a
+# format 1 back-end refuses a format 2 snapshot ("not a version 1 page
+# snapshot") and so never misreads its journal.
+SNAPSHOT_VERSION = 2
+SNAPSHOT_VERSIONS_READ = (1, 2)
 # 4 MiB of journal: ~4000 Linux buffers of 256 PFNs (16 GiB of balloon
 # movement) between snapshots; a sparse file, only what is written is held.
 JOURNAL_BYTES = 4 << 20
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 # Journal record: le32 magic|kind, le32 count, le64 epoch, count le32 values, le32 CRC32 of all before it.
+# The values by kind (device/journal_kinds.py): INFLATE_RANGES and
+# DEFLATE_RANGES, count / 4 ranges of le64 gpa, le64 len (what the C
+# workers write); ACTUAL one value; COLLECT and COLLECT_BATCH none; INFLATE
+# and DEFLATE (format 1 only, still replayed) le32 PFNs.
 _RECORD = struct.Struct("<IIQ")
+_RANGE = struct.Struct("<QQ")
 _CRC = struct.Struct("<I")
 _MAGIC = 0x5642_0000  # "VB" in the high half; the kind in the low half
 # Record kinds: vhostballoon/device/journal_kinds.py (the C runtime reads them from there too).
+
+
+# The kinds a replay understands; a journal with any other is not replayed.
+_PAGE_KINDS = frozenset({JournalKind.INFLATE, JournalKind.DEFLATE, JournalKind.INFLATE_RANGES,
+                         JournalKind.DEFLATE_RANGES})
+_REPLAYED = _PAGE_KINDS | {JournalKind.COLLECT, JournalKind.COLLECT_BATCH, JournalKind.ACTUAL}
 
 
 class PersistError(Exception):
@@ -210,8 +228,10 @@ class Journal:
     def half_full(self) -> bool:
         return self.native.offset * 2 > self.size
 
-    def append(self, kind: int, values: bytes | memoryview | PfnArray) -> bool:
+    def append(self, kind: int, values: bytes | memoryview | PfnArray | RangeList) -> bool:
         """Add one record; False when it does not fit (snapshot, then rewind)."""
+        if isinstance(values, RangeList):
+            return self.native.append_ranges(kind, values) >= 0
         return self.native.append(kind, values if isinstance(values, PfnArray) else bytes(values)) >= 0
 
     def close(self) -> None:
@@ -235,8 +255,9 @@ class PageStore:
             return None
         try:
             doc = json.loads(raw)
-            if not isinstance(doc, dict) or doc.get("version") != SNAPSHOT_VERSION:
-                raise PersistError(f"not a version {SNAPSHOT_VERSION} page snapshot")
+            if not isinstance(doc, dict) or doc.get("version") not in SNAPSHOT_VERSIONS_READ:
+                raise PersistError(f"not a version {' or '.join(map(str, SNAPSHOT_VERSIONS_READ))} page snapshot "
+                                   f"(version {doc.get('version') if isinstance(doc, dict) else None!r})")
             for key in ("epoch", "boot_id", "layout", "regions", "actual", "inflate_base"):
                 if key not in doc:
                     raise PersistError(f"no {key!r}")
@@ -336,7 +357,15 @@ class SessionPersistence:
             records = journal.records(self.epoch)
         finally:
             journal.close()
-        has_balloon = any(r["ballooned"] for r in doc["regions"]) or any(k == JournalKind.INFLATE for k, _ in records)
+        unknown = sorted({k for k, _ in records} - _REPLAYED)
+        if unknown:
+            # Skipping a record could skip a deflate, and then free a page
+            # the guest took back: the whole state is ignored instead.
+            log.error("page state ignored: its journal has records of unknown kinds (a newer back-end?)",
+                      kinds=unknown)
+            return None
+        has_balloon = any(r["ballooned"] for r in doc["regions"]) or any(
+            k in (JournalKind.INFLATE, JournalKind.INFLATE_RANGES) for k, _ in records)
         if has_balloon and inflate_base == 0:
             log.warning("page state ignored: the inflate ring starts at 0, so this is a new guest driver "
                         "(reboot) with an empty balloon")
@@ -379,13 +408,17 @@ class SessionPersistence:
         handed_out: list[tuple[int, int]] = list(self._refree_later)
         self._refree_later = []
         for kind, values in records:
-            if kind in (JournalKind.INFLATE, JournalKind.DEFLATE):
-                pfns = PfnArray.from_list(memoryview(values).cast("I").tolist())
-                update = self.memory.balloon_update(pfns, inflate=kind == JournalKind.INFLATE)
-                if kind == JournalKind.INFLATE:
+            if kind in _PAGE_KINDS:
+                inflate = kind in (JournalKind.INFLATE, JournalKind.INFLATE_RANGES)
+                if kind in (JournalKind.INFLATE_RANGES, JournalKind.DEFLATE_RANGES):
+                    ranges = RangeList.from_list(list(_RANGE.iter_unpack(values)))
+                else:  # format 1: le32 PFNs
+                    ranges = RangeList.from_pfns(memoryview(values).cast("I").tolist(), self.memory)
+                update = self.memory.balloon_update(ranges, inflate=inflate, want_changed=inflate)
+                if inflate:
                     handed_out.extend(self.huge.inflated(update.changed).tolist())
                 else:
-                    self.huge.deflated(update.changed)
+                    self.huge.deflated(ranges)
             elif kind == JournalKind.COLLECT:
                 self.huge.collect()  # freed then; not again
             elif kind == JournalKind.COLLECT_BATCH:
@@ -407,11 +440,9 @@ class SessionPersistence:
 
     def _forget_all(self) -> None:
         self._refree_later = []
-        for r in self.memory.regions:
-            first = r.gpa >> PAGE_SHIFT
-            update = self.memory.balloon_update(
-                PfnArray.from_list(range(first, first + (r.size >> PAGE_SHIFT))), inflate=False)
-            self.huge.deflated(update.changed)
+        every_page = RangeList.from_list([(r.gpa, r.size) for r in self.memory.regions])
+        self.memory.balloon_update(every_page, inflate=False, want_changed=False)
+        self.huge.deflated(every_page)
 
     # -- serving ------------------------------------------------------------------------
 
@@ -429,14 +460,14 @@ class SessionPersistence:
             return
         self.snapshot("session start")
 
-    def record_batch(self, role: QueueRole, changed: PfnArray, *, collected: bool = False) -> None:
-        """An inflate or deflate batch (and a flush that came with it), before
-        its buffers go back to the guest."""
+    def record_batch(self, role: QueueRole, ranges: RangeList, *, collected: bool = False) -> None:
+        """An inflate batch's changed ranges or a deflate batch's ranges (and
+        a flush that came with it), before its buffers go back to the guest,
+        as the C workers record theirs."""
         if self.journal is None:
             return
-        if changed.n:
-            kind = JournalKind.INFLATE if role is QueueRole.INFLATE else JournalKind.DEFLATE
-            self._append(kind, changed.view())
+        if ranges.n:
+            self._append(SPECS[role].journal_kind, ranges)
         if collected:
             self._append(JournalKind.COLLECT, b"")
 

@@ -29,7 +29,7 @@ import trio
 
 from ..device.balloon import BalloonDevice
 from ..device.hugepages import FlushPolicy, HugePolicy
-from ..device.queues import MAX_QUEUES, QueueRole, Server, SPECS
+from ..device.queues import MAX_QUEUES, SPECS, Direction, QueueRole, Server
 from ..native import PAGE_SIZE, ConfigMailbox, GuestMemory, QueueWorker, RingError, Virtqueue, WorkerCounters
 from ..vhost_user import connection as vu
 from .memory_lock import MemoryLock
@@ -252,7 +252,8 @@ class Rings:
         if spec.served_by is Server.C_THREAD:
             try:
                 worker = QueueWorker(
-                    self.memory, self.memory_lock.native, q.vq, inflate=role is QueueRole.INFLATE,
+                    self.memory, self.memory_lock.native, q.vq, format=spec.format,
+                    inflate=spec.direction is Direction.INFLATE, journal_kind=spec.journal_kind,
                     kick_fd=q.kick_fd, call_fd=q.call_fd, notify_fd=self.notify_fd,
                     flush_pages=flush_threshold_pages(self.flush_policy()),
                     journal=self.journal(), config=self.config,

@@ -40,9 +40,9 @@ from ..device.balloon import BalloonDevice, FeatureError
 from ..device.config import CONFIG_SIZE, ConfigAccessError
 from ..device.hugepages import FlushPolicy, HugePageTracker
 from ..device.queues import MAX_QUEUES, QueueRole
-from ..native import PAGE_SHIFT, FrontReader, GuestMemory, MemoryTableError, PfnArray, RingError
+from ..native import FrontReader, GuestMemory, MemoryTableError, RangeList, RingError
 from ..vhost_user import connection as vu
-from ..vhost_user.constants import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
+from ..vhost_user.constants import MAX_MEM_SLOTS, VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
 from ..vhost_user.errors import ProtocolError
 from .config_channel import ConfigChannel
 from .flushing import Discarder, FlushScheduler
@@ -61,7 +61,6 @@ log = structlog.get_logger("vhostballoon.session")
 # RESET_DEVICE, STATUS); none of it claims migration support (no LOG_SHMFD,
 # DEVICE_STATE or POSTCOPY).
 PROTOCOL_FEATURES = int(vu.SUPPORTED_PROTOCOL_FEATURES)
-MAX_MEM_SLOTS = 32  # csrc/vb.h: vb_mem holds 32 regions
 TRUNCATED_FDS = (
     "peer sent more fds than a vhost-user message may carry (8); ancillary data truncated"
 )
@@ -407,11 +406,9 @@ class FrontendSession:
         """Mark every page as out of the balloon (memory lock held). Nothing
         is freed; pending pages leave the tracker like deflated ones."""
         released = self.memory.ballooned_pages
-        for r in self.memory.regions:
-            first = r.gpa >> PAGE_SHIFT
-            every_page = PfnArray.from_list(range(first, first + (r.size >> PAGE_SHIFT)))
-            update = self.memory.balloon_update(every_page, inflate=False)
-            self.huge.deflated(update.changed)
+        every_page = RangeList.from_list([(r.gpa, r.size) for r in self.memory.regions])
+        self.memory.balloon_update(every_page, inflate=False, want_changed=False)
+        self.huge.deflated(every_page)
         self.persist.snapshot("balloon emptied")
         return released
 

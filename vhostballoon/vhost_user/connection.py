@@ -49,6 +49,7 @@ from .codec import (
 )
 from .constants import (
     MAX_CONFIG_SIZE,
+    MAX_MEM_SLOTS,
     MAX_VRING_SIZE,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VIRTIO_F_RING_PACKED,
@@ -164,7 +165,7 @@ class BackendConnection:
         protocol_features: int,
         num_queues: int,
         config_size: int,
-        max_mem_slots: int = 32,
+        max_mem_slots: int = MAX_MEM_SLOTS,
     ) -> None:
         unsupported = protocol_features & ~SUPPORTED_PROTOCOL_FEATURES
         if unsupported:

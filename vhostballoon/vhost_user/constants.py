@@ -137,6 +137,11 @@ MAX_VRING_SIZE = 32768
 # (QEMU VHOST_MEMORY_BASELINE_NREGIONS).
 MAX_MEM_TABLE_REGIONS = 8
 
+# This back-end's answer to GET_MAX_MEM_SLOTS: the memory regions its C
+# memory table holds (csrc/vb_core.h vb_mem, sized from this through the
+# generated header).  QEMU's own limit is VHOST_USER_MAX_RAM_SLOTS, 512.
+MAX_MEM_SLOTS = 32
+
 # QEMU hw/virtio/vhost-user.c: VHOST_USER_MAX_CONFIG_SIZE.
 MAX_CONFIG_SIZE = 256
 

@@ -1,22 +1,26 @@
 /*
- * vhostballoon native core: guest memory table, split-virtqueue accessor,
- * balloon page tracking and the batched discard engine.
+ * vhostballoon native core: guest memory table, split rings, one sink per
+ * buffer format (popped buffers -> ranges of guest addresses), the
+ * ballooned bitmap, the huge page tracker, the discard engine and the page
+ * journal, all on ranges.  It knows nothing of vhost-user and nothing of
+ * threads or sockets (that is the runtime: vb_runtime.h).
  *
- * Plain C, no Python headers, nothing about vhost-user.  Every guest address
- * is checked against the memory table before it is dereferenced.  Functions
- * that can fail return a negative value and write a human-readable reason,
- * naming the offending values, into err[errlen].
+ * Plain C, no Python headers.  Every guest address is checked against the
+ * memory table before it is dereferenced.  Functions that can fail return
+ * a negative value and write a human-readable reason, naming the offending
+ * values, into err[errlen].
  *
- * This header is also the cffi cdef (csrc/build_native.py reads the part
- * between the CDEF markers), so keep that part free of preprocessor lines.
+ * The part between the CDEF markers is also the cffi cdef
+ * (csrc/build_native.py), so it has no preprocessor lines; the sizes it
+ * uses come from vb_gen.h, generated from the Python sources at build time.
  */
-#ifndef VB_H
-#define VB_H
+#ifndef VB_CORE_H
+#define VB_CORE_H
 
-#include <stdint.h>
 #include <stddef.h>
+#include <stdint.h>
 
-#include "vb_config.h"
+#include "vb_gen.h"
 
 /* CDEF-BEGIN */
 
@@ -54,7 +58,7 @@ typedef struct vb_region {
 
 typedef struct vb_mem {
     uint32_t nregions;
-    vb_region regions[32];
+    vb_region regions[VB_MAX_MEM_REGIONS];   /* vhost_user/constants.py MAX_MEM_SLOTS */
 } vb_mem;
 
 /* Split virtqueue state (virtio 1.x, 2.7).  Pointers are into guest RAM. */
@@ -77,7 +81,7 @@ typedef struct vb_discard_stats {
     uint64_t bytes_failed;  /* bytes in ranges that could not be freed */
     uint64_t ranges;        /* coalesced ranges attempted */
     uint64_t syscalls;      /* fallocate + madvise calls issued */
-    uint64_t pages_outside; /* PFNs that lie in no region (ignored) */
+    uint64_t pages_outside; /* pages of ranges that lie in no one region (refused) */
     int last_errno;         /* errno of the last failure, 0 if none */
     int failed_region;      /* index of the region that failed, -1 if none */
     /* What the freed ranges were, by the region's huge page size (file
@@ -121,7 +125,7 @@ void vb_mem_free(vb_mem *mem);              /* unmaps, closes fds, frees bitmaps
 void vb_mem_clear(vb_mem *mem);             /* same, but keeps the table */
 /* Validates (size > 0, 4 KiB alignment of gpa/size/mmap_offset, no overflow of
  * gpa+size, uaddr+size or mmap_offset+size, no gpa or uaddr overlap with an
- * existing region, at most 32 regions), mmaps the fd MAP_SHARED read/write.
+ * existing region, at most VB_MAX_MEM_REGIONS), mmaps the fd MAP_SHARED read/write.
  * On success the table owns fd; on failure fd is left open for the caller. */
 int vb_mem_add(vb_mem *mem, int fd, uint64_t gpa, uint64_t size,
                uint64_t uaddr, uint64_t mmap_offset, char *err, size_t errlen);
@@ -140,30 +144,60 @@ int vb_vq_setup(vb_vq *vq, const vb_mem *mem, uint32_t num,
                 uint64_t desc_uaddr, uint64_t avail_uaddr, uint64_t used_uaddr,
                 uint16_t base, int event_idx, int indirect,
                 char *err, size_t errlen);
-/* Pops every available buffer (up to max_heads, and only whole buffers that
- * fit in max_pfns) and extracts its device-readable bytes as le32 PFNs.
- * heads[i] receives buffer i's head index.  Returns the number of buffers
- * popped (0: none available), or -1 when the ring is malformed (head out of
- * range, avail index moved by more than num, chain loop or longer than num,
- * descriptor outside guest memory, length not a multiple of 4, a
+/* ---- sinks: popped buffers -> ranges of guest addresses -------------------
+ * One sink per buffer format (vhostballoon/device/queues.py BufferFormat).
+ * Each pops every available buffer (up to max_heads, and only whole buffers
+ * whose items fit in max_items; a buffer of more than max_items items is
+ * malformed) and turns it into ranges, in the buffers' order:
+ *
+ * - vb_vq_pop_pfn32: device-readable arrays of le32 PFNs (4 KiB pages, virtio
+ *   1.x 5.5.6); items are PFNs.  Consecutive ascending PFNs of one buffer
+ *   become one range (split where a region ends), so the ranges, page by
+ *   page, are the PFNs in the order the guest wrote them, duplicates and
+ *   PFNs outside guest memory included: the bitmap update counts those.
+ * - vb_vq_pop_extents: each device-readable descriptor's own address and
+ *   length is one range (as free page reporting buffers are); items are
+ *   descriptors.  Each range is checked for inflate/deflate use: 4 KiB
+ *   aligned, non-empty, not wrapping, inside one region, not overlapping
+ *   another range of the same buffer.  A range that fails is refused: not
+ *   written to ranges[], counted in batch->refused, the first one's values
+ *   and reason kept; its buffer still pops (and goes back with used len 0).
+ *
+ * ranges[] must hold max_items.  Returns the number of buffers popped (0:
+ * none available), or -1 when the ring is malformed (head out of range,
+ * avail index moved by more than num, chain loop or longer than num,
+ * descriptor outside guest memory, PFN array length not a multiple of 4, a
  * device-writable descriptor, bad indirect table, a buffer larger than
- * max_pfns): nothing is consumed then, and err says what and which values.
+ * max_items): nothing is consumed then, and err says what and which values.
  * With event_idx it also publishes avail_event = last_avail_idx. */
-int vb_vq_pop_pfns(vb_vq *vq, const vb_mem *mem,
-                   uint32_t *pfns, uint32_t max_pfns, uint32_t *n_pfns,
-                   uint16_t *heads, uint32_t max_heads,
-                   char *err, size_t errlen);
-/* Same walk and guards as vb_vq_pop_pfns (avail index, heads, loops,
- * chain length, indirect tables), but returns the descriptors themselves:
- * ranges[] gets every buffer's descriptors in order, counts[i] how many
- * belong to buffer i (heads[i]); only whole buffers that fit in
- * max_ranges are taken.  Every descriptor must be device-writable
- * (writable=1: free page reporting) or device-readable (writable=0:
- * statistics), else the ring is malformed.  Descriptor addresses and
- * lengths are NOT checked against guest memory (nothing is read through
- * them here): the caller validates each one.  Returns buffers popped, 0 if
- * none, -1 (nothing consumed, err set) as vb_vq_pop_pfns; a buffer with
- * more than max_ranges descriptors is malformed. */
+enum {
+    VB_REFUSE_NONE = 0,
+    VB_REFUSE_EMPTY = 1,        /* length 0 */
+    VB_REFUSE_UNALIGNED = 2,    /* address or length not a multiple of 4 KiB */
+    VB_REFUSE_WRAPS = 3,        /* address + length wraps around 2^64 */
+    VB_REFUSE_OUTSIDE = 4,      /* not inside one region of guest memory */
+    VB_REFUSE_OVERLAP = 5,      /* overlaps an earlier range of the same buffer */
+    VB_REFUSE_BALLOONED = 6     /* inflate of a range already (partly) in the balloon (vb_balloon_update) */
+};
+
+typedef struct vb_batch {
+    uint32_t n_ranges;          /* ranges written */
+    uint64_t items;             /* PFNs or descriptors in the buffers popped */
+    uint64_t refused;           /* ranges refused (extents) */
+    uint64_t first_refused_gpa; /* the first refused range, as the guest wrote it */
+    uint64_t first_refused_len;
+    int first_refused_why;      /* VB_REFUSE_* */
+} vb_batch;
+
+int vb_vq_pop_pfn32(vb_vq *vq, const vb_mem *mem, vb_range *ranges, uint32_t max_items,
+                    vb_batch *batch, uint16_t *heads, uint32_t max_heads, char *err, size_t errlen);
+int vb_vq_pop_extents(vb_vq *vq, const vb_mem *mem, vb_range *ranges, uint32_t max_items,
+                      vb_batch *batch, uint16_t *heads, uint32_t max_heads, char *err, size_t errlen);
+/* Same walk and guards, but returns the descriptors themselves, unchecked,
+ * for the queues Python serves (reporting, statistics): ranges[] gets every
+ * buffer's descriptors in order, counts[i] how many belong to buffer i
+ * (heads[i]).  Every descriptor must be device-writable (writable=1) or
+ * device-readable (writable=0), else the ring is malformed. */
 int vb_vq_pop_ranges(vb_vq *vq, const vb_mem *mem, int writable,
                      vb_desc_range *ranges, uint32_t max_ranges, uint32_t *n_ranges,
                      uint16_t *heads, uint32_t *counts, uint32_t max_heads,
@@ -177,15 +211,38 @@ int vb_vq_should_signal(vb_vq *vq);
 /* Number of available buffers not yet popped, or -1 if avail idx is bogus. */
 int vb_vq_pending(const vb_vq *vq);
 
-/* ---- balloon page tracking --------------------------------------------- */
-/* Applies an inflate (inflate=1) or deflate (0) to the ballooned bitmap.
- * changed[] receives, in input order, each PFN whose state flipped (so a
- * duplicate within the batch, or an already-ballooned page, is not repeated).
- * Returns the number changed; *n_invalid counts PFNs outside every region
- * (first one in *first_invalid), *n_unchanged those already in that state. */
-uint32_t vb_balloon_update(vb_mem *mem, const uint32_t *pfns, uint32_t n, int inflate,
-                           uint32_t *changed, uint32_t *n_invalid,
-                           uint32_t *first_invalid, uint32_t *n_unchanged);
+/* ---- ranges and the ballooned bitmap ------------------------------------ */
+/* Consecutive ascending PFNs in input order as ranges (split where a region
+ * of mem ends; mem may be NULL), as the PFN32 sink makes them.  out[] must
+ * hold n.  Returns the number of ranges. */
+uint32_t vb_ranges_from_pfns(const vb_mem *mem, const uint32_t *pfns, uint32_t n, vb_range *out);
+/* Sorts ranges by gpa and merges those that overlap or touch within one
+ * region (or both outside guest memory).  Returns the new count. */
+uint32_t vb_ranges_merge(const vb_mem *mem, vb_range *ranges, uint32_t n);
+
+typedef struct vb_update {
+    uint32_t n_changed;          /* ranges written to changed[] */
+    uint64_t changed_pages;      /* pages whose state flipped */
+    uint64_t invalid_pages;      /* pages outside every region (ignored) */
+    uint64_t first_invalid_gpa;  /* the first of them in input order */
+    uint64_t unchanged_pages;    /* pages already in that state (repeated) */
+    uint64_t first_unchanged_gpa;
+    uint64_t refused;            /* whole: inflate ranges refused (already partly ballooned) */
+    uint64_t first_refused_gpa;
+    uint64_t first_refused_len;
+} vb_update;
+
+/* Applies an inflate (inflate=1) or deflate (0) of ranges (4 KiB aligned;
+ * each may cross regions or lie outside them) to the ballooned bitmap,
+ * page by page in input order: a page outside guest memory is invalid, a
+ * page already in that state is unchanged.  whole=1 (extents): an inflate
+ * range with any page already ballooned is refused as a whole (nothing of
+ * it changes).  changed[] (may be NULL) receives the pages that flipped as
+ * ranges in input order; it must hold as many ranges as the input has pages
+ * (whole=1: as many as the input has ranges).  Returns n_changed, or -1
+ * when changed[] is too small (nothing done). */
+int vb_balloon_update(vb_mem *mem, const vb_range *in, uint32_t n, int inflate, int whole,
+                      vb_range *changed, uint32_t max_changed, vb_update *st);
 
 /* Bytes the kernel holds for the files behind the regions: st_blocks * 512
  * summed over the distinct files (two regions in one memfd count once). */
@@ -197,19 +254,14 @@ int vb_mem_region_of(const vb_mem *mem, uint64_t gpa, uint64_t len);
 int64_t vb_mem_ballooned_in_range(const vb_mem *mem, uint64_t gpa, uint64_t len);
 
 /* ---- discard engine ---------------------------------------------------- */
-/* Sorts pfns in place, drops duplicates, coalesces consecutive pages within
- * one region into ranges and frees each with
- * fallocate(PUNCH_HOLE|KEEP_SIZE) on the region's fd at
- * mmap_offset + (gpa - region gpa), falling back to madvise(MADV_REMOVE) on
- * our mapping; a region where both fail is marked (discard_errno) and
- * skipped from then on.  Blocking: call it off the event loop. */
-int vb_discard_pfns(vb_mem *mem, uint32_t *pfns, uint32_t n, vb_discard_stats *st);
-/* Frees one guest-physical byte range (page aligned) the same way. */
-int vb_discard_range(vb_mem *mem, uint64_t gpa, uint64_t len, vb_discard_stats *st);
-/* Frees each range (as vb_discard_range; ranges are not merged or sorted
- * here) and classifies it in st (huge_whole, huge_split, ...).  A range
- * that is not 4 KiB aligned or not inside one region is refused (counted in
- * bytes_failed / pages_outside) and the others still run.  Blocking. */
+/* Frees each range (ranges are not merged or sorted here) with
+ * fallocate(PUNCH_HOLE|KEEP_SIZE) on the region's fd at mmap_offset +
+ * (gpa - region gpa), falling back to madvise(MADV_REMOVE) on our mapping;
+ * a region where both fail is marked (discard_errno) and skipped from then
+ * on.  Classifies each freed range in st (huge_whole, huge_split, ...).  A
+ * range that is not 4 KiB aligned or not inside one region is refused
+ * (counted in bytes_failed / pages_outside) and the others still run.
+ * Blocking: call it off the event loop. */
 int vb_discard_ranges(vb_mem *mem, const vb_range *ranges, uint32_t n, vb_discard_stats *st);
 
 /* ---- huge page tracking -------------------------------------------------
@@ -242,21 +294,22 @@ int vb_fd_backing(int fd, uint64_t *block);
  * before the call count as ballooned and already freed. */
 int vb_track_configure(vb_mem *mem, uint32_t region, uint64_t granule, int backing, int thp,
                        char *err, size_t errlen);
-/* For PFNs that just became ballooned (vb_balloon_update's changed[]):
- * counts them per huge page and writes to ranges[] one range per run of
- * huge pages that became wholly ballooned (merged when adjacent), then the
- * coalesced pages of regions whose granule is 4 KiB.  The rest become
- * pending.  PFNs outside guest memory, not ballooned in the bitmap, or
- * already counted are ignored.  max_ranges must be >= n (a batch never
- * yields more ranges than PFNs); returns the number of ranges, or -1 when
- * max_ranges < n (nothing done). */
-int vb_track_inflate(vb_mem *mem, const uint32_t *pfns, uint32_t n,
+/* For ranges whose pages just became ballooned (vb_balloon_update's
+ * changed[]): counts their pages per huge page and writes to ranges[] the
+ * huge pages that became wholly ballooned (merged when adjacent; a range
+ * covering whole huge pages frees them as they are, never split), then the
+ * pages of regions whose granule is 4 KiB (coalesced).  The rest become
+ * pending.  Pages outside guest memory, not ballooned in the bitmap, or
+ * already counted are ignored.  max_ranges must be >= n; should a batch
+ * complete more separate huge pages than that, the rest stay pending.
+ * Returns the number of ranges, or -1 when max_ranges < n (nothing done). */
+int vb_track_inflate(vb_mem *mem, const vb_range *in, uint32_t n,
                      vb_range *ranges, uint32_t max_ranges);
-/* For PFNs that just left the balloon (vb_balloon_update's changed[] on
- * deflate): uncounts them and drops them from pending.  PFNs still
- * ballooned in the bitmap, or not counted, are ignored.  Returns how many
- * pending pages were dropped. */
-uint32_t vb_track_deflate(vb_mem *mem, const uint32_t *pfns, uint32_t n);
+/* For ranges whose pages just left the balloon (a deflate's ranges, after
+ * vb_balloon_update): uncounts them and drops them from pending.  Pages
+ * still ballooned in the bitmap, or not counted, are ignored.  Returns how
+ * many pending pages were dropped. */
+uint64_t vb_track_deflate(vb_mem *mem, const vb_range *in, uint32_t n);
 /* Takes pending pages of region `region` (-1: every region) as coalesced
  * ranges, at most max_ranges, and clears them.  hugetlbfs regions are
  * skipped: a partial punch there frees nothing, so their pages stay
@@ -314,118 +367,9 @@ void vb_journal_free(vb_journal *j);
 void vb_journal_rewind(vb_journal *j, uint64_t epoch);
 uint64_t vb_journal_offset(vb_journal *j);
 int vb_journal_append(vb_journal *j, uint32_t kind, const uint32_t *values, uint32_t count);
+/* A record whose values are ranges: per range le64 gpa, le64 len (4 words). */
+int vb_journal_append_ranges(vb_journal *j, uint32_t kind, const vb_range *ranges, uint32_t n);
 uint32_t vb_crc32(uint32_t crc, const uint8_t *data, uint64_t len);
-
-/* ---- queue workers (serve.c) ---------------------------------------------
- * One thread per inflate or deflate queue serves everything the guest makes
- * available, one pass per kick: pop, bitmap, huge page tracking, discard,
- * used ring, call eventfd.  Every touch of guest memory state (the memory
- * table, rings, bitmap, tracker, discard engine) by anyone happens under one
- * vb_lock; a worker holds it from pop to push and honours a stop request
- * only between batches.  A vb_lock may be released by another thread than
- * the one that took it. */
-typedef struct vb_lock vb_lock;
-typedef struct vb_worker vb_worker;
-
-typedef struct vb_worker_counters {
-    uint64_t kicks;             /* kick eventfd reads */
-    uint64_t spurious_kicks;    /* kicks that brought no buffer (the worker paused after each) */
-    uint64_t batches;           /* pops that returned buffers */
-    uint64_t buffers;           /* buffers returned to the used ring */
-    uint64_t pfns;              /* PFNs received */
-    uint64_t changed;           /* pages whose ballooned state flipped */
-    uint64_t invalid;           /* PFNs outside guest memory (ignored) */
-    uint32_t last_invalid_pfn;  /* first invalid PFN of the latest batch that had one */
-    uint64_t unchanged;         /* PFNs already in that state (repeated) */
-    uint32_t last_unchanged_pfn; /* first such PFN of the latest batch that had one */
-    uint64_t pending_dropped;   /* deflate: pending pages dropped */
-    uint64_t signals;           /* call eventfd writes */
-    uint64_t flushes;           /* pending pages collected at the flush threshold */
-    uint64_t freed_measured;    /* bytes the backing files shrank by across our discards */
-    uint64_t journal_waits;     /* 1 ms waits for a snapshot (journal full) */
-    uint64_t journal_dropped;   /* records dropped: no snapshot came within 2 s */
-    vb_discard_stats discard;   /* cumulative; last_errno/failed_region: the latest failure */
-    int broken;                 /* the ring was malformed: the worker stopped (error says why) */
-    int running;                /* no stop requested or taken yet */
-    char error[200];
-} vb_worker_counters;
-
-vb_lock *vb_lock_new(void);
-void vb_lock_free(vb_lock *l);
-void vb_lock_acquire(vb_lock *l);   /* blocking */
-int vb_lock_try(vb_lock *l);        /* 1: taken */
-void vb_lock_release(vb_lock *l);
-/* Starts a worker on a set-up queue.  It works on duplicates of kick_fd,
- * call_fd (-1: none) and notify_fd (-1: none), which it writes when the
- * session should look: invalid or repeated PFNs, a discard failure, a
- * broken ring, pending pages appearing, a flush.  config (NULL: none; it
- * must outlive the worker): the balloon's config, whose num_pages is the
- * target at which an inflate worker frees plain shmem's partial blocks
- * before it returns the buffer that got there.  flush_pages: on inflate,
- * collect and free every collectable pending page once that many are
- * pending (0: never; the session handles deadlines).  NULL on failure (err). */
-vb_worker *vb_worker_start(vb_mem *mem, vb_lock *lock, vb_vq *vq, int inflate,
-                           int kick_fd, int call_fd, int notify_fd, uint64_t flush_pages,
-                           vb_journal *journal, vb_config *config, char *err, size_t errlen);
-/* journal (NULL: none), here or later: from now on every batch's flipped PFNs (and a flush that came with it)
- * go to journal before the batch's buffers go back (NULL: none).  Hold
- * the lock.  A full journal makes the worker wait, lock released, for the
- * session's snapshot (it is notified). */
-void vb_worker_set_journal(vb_worker *w, vb_journal *journal);
-/* Replaces the call eventfd (duplicated; -1: none).  Hold the lock.  -1 if dup failed. */
-int vb_worker_set_call_fd(vb_worker *w, int call_fd);
-void vb_worker_set_flush_pages(vb_worker *w, uint64_t pages);
-/* The worker notifies when pending pages appear only once, then not until
- * asked again with this (the session, once its flush deadline is not armed). */
-void vb_worker_notice_pending(vb_worker *w);
-void vb_worker_get_counters(vb_worker *w, vb_worker_counters *out);
-/* Asks the worker to stop at the next batch boundary; does not wait.  Once
- * the caller then holds the lock, the worker will not touch the queue again. */
-void vb_worker_request_stop(vb_worker *w);
-void vb_worker_join(vb_worker *w);  /* blocking: waits for the thread to end */
-void vb_worker_free(vb_worker *w);  /* joins if needed, closes its fds, frees */
-
-/* ---- the front-end's socket (front.c) --------------------------------------
- * A thread reads the vhost-user socket.  It answers GET_CONFIG and
- * SET_CONFIG of the shape QEMU sends (offset 0, whole 16-byte config, flags
- * 0, no fds) when the session allows it and its decoder is at a message
- * boundary; every other chunk goes to the session verbatim, and the thread
- * waits until the session resumes it. */
-typedef struct vb_front vb_front;
-
-typedef struct vb_front_chunk {
-    uint32_t len;       /* bytes copied to the caller's buffer */
-    int nfds;
-    int fds[8];         /* now the caller's */
-    int eof;            /* the peer closed the connection */
-    int ctrunc;         /* more fds than a message may carry arrived: they were closed */
-    int error;          /* errno of a failed read or write; the thread has ended */
-} vb_front_chunk;
-
-typedef struct vb_front_counters {
-    uint64_t config_reads;    /* GET_CONFIGs answered by the thread */
-    uint64_t config_writes;   /* SET_CONFIGs taken by the thread */
-    uint64_t handed_over;     /* chunks handed to the session */
-    uint64_t log_full;        /* SET_CONFIGs handed over because the write log was full */
-} vb_front_counters;
-
-/* Starts the thread on a duplicate of sock_fd; it answers config messages
- * from config (vb_config.h; the caller's, it must outlive the thread) and
- * writes chunk_fd when a chunk waits (vb_front_take), writes_fd when the
- * config's write log stops being empty and target_fd when a write brought
- * the balloon to the target.  It answers nothing until the first
- * vb_front_resume(fast=1).  NULL on failure (err). */
-vb_front *vb_front_start(int sock_fd, int chunk_fd, int writes_fd, int target_fd, vb_config *config,
-                         char *err, size_t errlen);
-/* 1: the waiting chunk was copied to out/data (cap bytes at most); 0: none waits. */
-int vb_front_take(vb_front *f, vb_front_chunk *out, uint8_t *data, uint32_t cap);
-/* The session handled the chunk it took; fast: the thread may answer config
- * messages; partial: the session's decoder holds part of a message. */
-void vb_front_resume(vb_front *f, int fast, int partial);
-/* Before the session drains the config's write log: reset writes_fd and target_fd. */
-void vb_front_drain_config_signals(vb_front *f);
-void vb_front_get_counters(vb_front *f, vb_front_counters *out);
-void vb_front_free(vb_front *f);   /* stops and joins the thread, closes its fds */
 
 /* CDEF-END */
 
