@@ -359,7 +359,8 @@ _BACKEND_REQUESTS: dict[BackendRequest, tuple[type | None, int]] = {
 def _backend_request_payload(request: BackendRequest, body: bytes, nfds: int) -> AnyPayload:
     kind, max_fds = _BACKEND_REQUESTS[request]
     if nfds > max_fds:
-        raise WireError(f"carries {nfds} fds, takes at most {max_fds}")
+        takes = f"at most {max_fds}" if max_fds else "none"
+        raise WireError(f"carries {nfds} fd{'' if nfds == 1 else 's'}, takes {takes}")
     if kind is None:
         return Raw(body)
     if kind is Empty:
