@@ -40,7 +40,6 @@ from __future__ import annotations
 import enum
 import os
 import socket
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
