@@ -167,8 +167,7 @@ async def test_memory_table_change_keeps_rings_where_they_were(backend):
         await guest.driver.report_free_pages(guest.driver.free_blocks(BLOCK)[:2])
         # A second memory region appears (QEMU: memory hotplug).
         from vhostballoon.testing import GuestRAM
-        from vhostballoon.vhost_user.codec import MemoryRegion, SingleMemoryRegion
-        from vhostballoon.vhost_user.constants import Request
+        from vhostballoon.testing.wire import MemoryRegion, Request, SingleMemoryRegion
 
         with GuestRAM(4 * MiB, reserved=PAGE) as extra:
             region = MemoryRegion(gpa=GUEST * 2, size=extra.size, uaddr=0x7E00_0000_0000, mmap_offset=0)

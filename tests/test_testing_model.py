@@ -914,3 +914,87 @@ async def test_model_guest_lets_the_body_error_through_and_closes_everything(tmp
     backends[0].close()
     assert open_fd_count() == baseline
     listener.close()
+
+
+# -- the kit's own vhost-user messages (wire.py), against the spec's layouts ------------------
+
+from vhostballoon.testing import wire  # noqa: E402
+
+
+def test_wire_encodes_the_layouts_of_vhost_user_rst():
+    addr = wire.VringAddr(index=1, flags=0, desc=0x7F00_0000_1000, used=0x7F00_0000_1940, avail=0x7F00_0000_1800, log=0)
+    assert wire.encode(wire.Request.SET_VRING_ADDR, addr) == struct.pack(
+        "=IIIIIQQQQ", 9, 0x1, 40, 1, 0, 0x7F00_0000_1000, 0x7F00_0000_1940, 0x7F00_0000_1800, 0
+    )
+    region = wire.MemoryRegion(gpa=0, size=1 << 30, uaddr=0x7F00_0000_0000, mmap_offset=0)
+    assert wire.encode(wire.Request.ADD_MEM_REG, wire.SingleMemoryRegion(region), need_reply=True) == struct.pack(
+        "=IIIQQQQQ", 37, 0x9, 40, 0, 0, 1 << 30, 0x7F00_0000_0000, 0
+    )
+    assert wire.encode(wire.Request.SET_MEM_TABLE, wire.MemoryTable([region])) == struct.pack(
+        "=IIIIIQQQQ", 5, 0x1, 40, 1, 0, 0, 1 << 30, 0x7F00_0000_0000, 0
+    )
+    assert wire.encode(wire.Request.SET_VRING_CALL, wire.VringFd(3, invalid=True)) == struct.pack("=IIIQ", 13, 1, 8, 0x103)
+    config = wire.ConfigSpace(offset=0, size=16, flags=0, data=bytes(range(16)))
+    assert wire.encode(wire.Request.SET_CONFIG, config) == struct.pack("=IIIIII", 25, 1, 28, 0, 16, 0) + bytes(range(16))
+    assert wire.encode(wire.BackendRequest.CONFIG_CHANGE_MSG, wire.U64(0), reply=True) == struct.pack("=IIIQ", 2, 5, 8, 0)
+
+
+REPLIES = (
+    struct.pack("=IIIQ", 1, 0x5, 8, 1 << 32)  # GET_FEATURES
+    + struct.pack("=IIIIII", 24, 0x5, 28, 0, 16, 0) + bytes(range(16))  # GET_CONFIG
+    + struct.pack("=IIIII", 11, 0x5, 8, 2, 517)  # GET_VRING_BASE
+    + struct.pack("=III", 24, 0x5, 0)  # GET_CONFIG failed: empty
+)
+
+
+@pytest.mark.parametrize("step", [len(REPLIES), 1, 5], ids=["whole", "byte-by-byte", "five-bytes"])
+def test_wire_reads_replies_however_they_are_cut(step):
+    reader = wire.MessageReader.for_replies()
+    messages = []
+    for at in range(0, len(REPLIES), step):
+        reader.feed(REPLIES[at : at + step])
+        while (message := reader.next_message()) is not None:
+            messages.append(message)
+    assert [(m.name, m.flags, m.size, m.payload) for m in messages] == [
+        ("GET_FEATURES", 0x5, 8, wire.U64(1 << 32)),
+        ("GET_CONFIG", 0x5, 28, wire.ConfigSpace(0, 16, 0, bytes(range(16)))),
+        ("GET_VRING_BASE", 0x5, 8, wire.VringState(2, 517)),
+        ("GET_CONFIG", 0x5, 0, wire.Empty()),
+    ]
+
+
+def test_wire_gives_fds_to_the_message_they_came_with_and_closes_them_on_error():
+    baseline = open_fd_count()
+    reader = wire.MessageReader.for_backend_requests()
+    change = struct.pack("=III", 2, 0x9, 0)  # CONFIG_CHANGE_MSG, NEED_REPLY
+    notifier = struct.pack("=III", 3, 0x1, 24) + bytes(24)  # VRING_HOST_NOTIFIER_MSG: vring area, one fd
+    r, w = os.pipe()
+    reader.feed(change + notifier[:7])
+    reader.feed(notifier[7:], [r])  # the chunk ends in the notifier: its fd
+    first, second = reader.next_message(), reader.next_message()
+    assert (first.name, first.need_reply, first.fds) == ("CONFIG_CHANGE_MSG", True, ())
+    assert (second.name, second.fds) == ("VRING_HOST_NOTIFIER_MSG", (r,))
+    os.close(r)
+    reader.feed(change, [w])  # CONFIG_CHANGE_MSG takes no fd
+    with pytest.raises(wire.WireError, match="back-end CONFIG_CHANGE_MSG: carries 1 fd, takes none"):
+        reader.next_message()
+    with pytest.raises(wire.WireError):  # poisoned
+        reader.next_message()
+    assert open_fd_count() == baseline  # w was closed with the bad message
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (struct.pack("=IIIQ", 1, 0x1, 8, 0), r"reply to GET_FEATURES: flags 0x1 \(version 1\), expected 0x5"),
+        (struct.pack("=IIIQ", 1, 0xD, 8, 0), r"reply to GET_FEATURES: flags 0xd"),
+        (struct.pack("=III", 5, 0x5, 4) + bytes(4), "reply to SET_MEM_TABLE: body is 4 bytes, expected 8"),
+        (struct.pack("=IIIIII", 24, 0x5, 29, 0, 16, 0) + bytes(17), "reply to GET_CONFIG: body is 29 bytes, expected 28"),
+        (struct.pack("=III", 1, 0x5, 1 << 20), "reply to GET_FEATURES: body is 1048576 bytes"),
+    ],
+)
+def test_wire_refuses_replies_qemu_refuses(data, match):
+    reader = wire.MessageReader.for_replies()
+    reader.feed(data)
+    with pytest.raises(wire.WireError, match=match):
+        reader.next_message()

@@ -44,8 +44,7 @@ from _common import (  # noqa: E402
     wait_until,
 )
 from vhostballoon.testing import GuestRAM  # noqa: E402
-from vhostballoon.vhost_user.codec import MemoryRegion, SingleMemoryRegion  # noqa: E402
-from vhostballoon.vhost_user.constants import Request  # noqa: E402
+from vhostballoon.testing.wire import MemoryRegion, Request, SingleMemoryRegion  # noqa: E402
 
 F_SEAL_FUTURE_WRITE = 0x0010  # linux/include/uapi/linux/fcntl.h (not in Python's fcntl)
 FAILURE_LOG = "host memory of this region cannot be freed"

@@ -2,7 +2,12 @@
 on a memfd "guest", for tests, the demo, benchmarks and fault injection.
 
 This package is the front-end side: it may use trio. The back-end never
-imports it.
+imports it, and it imports nothing of the back-end (``vhostballoon.server``,
+``vhostballoon.vhost_user``, ``vhostballoon.device``, ``vhostballoon.native``):
+its socket code (``fdsocket``), its vhost-user messages (``wire``) and its
+balloon facts (``virtio_balloon``) are written from the specs, so that a
+mistake in the back-end cannot agree with itself here
+(tests/test_kit_independence.py).
 
 Quick start::
 
@@ -19,29 +24,18 @@ Pieces, usable on their own:
   ``publish_*`` methods that write broken rings on purpose).
 - ``BalloonDriver``: Linux's virtio_balloon behaviour over a ``Transport``.
 - ``Frontend``: QEMU's vhost-user messages over a real unix socket, with a
-  ``transcript`` of every message and raw ``request``/``send_raw`` hooks.
+  ``transcript`` of every message and raw ``request``/``send_raw`` hooks
+  (payloads and request numbers: ``vhostballoon.testing.wire``).
 """
 
 from .balloon_driver import (
     LINUX_FEATURES,
-    VIRTIO_BALLOON_ARRAY_PFNS_MAX,
-    VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
-    VIRTIO_BALLOON_F_FREE_PAGE_HINT,
-    VIRTIO_BALLOON_F_MUST_TELL_HOST,
-    VIRTIO_BALLOON_F_PAGE_POISON,
-    VIRTIO_BALLOON_F_REPORTING,
-    VIRTIO_BALLOON_F_STATS_VQ,
-    VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
     BalloonDriver,
     DeviceTimeout,
     DriverError,
     PfnOrder,
-    QueueRole,
     Transport,
     allocation_order,
-    queue_roles,
 )
 from .frontend import (
     QEMU_PROTOCOL_FEATURES,
@@ -54,6 +48,20 @@ from .frontend import (
 )
 from .guest_ram import DEFAULT_UADDR, PAGE_SIZE, GuestMemoryError, GuestRAM
 from .model import ModelGuest, model_guest
+from .virtio_balloon import (
+    VIRTIO_BALLOON_ARRAY_PFNS_MAX,
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+    VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_PAGE_POISON,
+    VIRTIO_BALLOON_F_REPORTING,
+    VIRTIO_BALLOON_F_STATS_VQ,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    QueueRole,
+    queue_roles,
+)
 from .virtqueue import DeviceBugError, DriverVirtqueue, VirtqueueError, vring_need_event
 
 __all__ = [

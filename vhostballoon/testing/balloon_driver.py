@@ -50,24 +50,40 @@ from typing import Protocol
 
 import trio
 
-from ..device.features import BalloonFeature, RingFeature
-from ..device.queues import QueueRole, queue_roles
 from .guest_ram import PAGE_SHIFT, PAGE_SIZE, GuestRAM
+from .virtio_balloon import (
+    CONFIG_ACTUAL,
+    CONFIG_NUM_PAGES,
+    CONFIG_POISON_VAL,
+    PAGE_REPORTING_CAPACITY,
+    VIRTIO_BALLOON_ARRAY_PFNS_MAX,
+    VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+    VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+    VIRTIO_BALLOON_F_MUST_TELL_HOST,
+    VIRTIO_BALLOON_F_PAGE_POISON,
+    VIRTIO_BALLOON_F_REPORTING,
+    VIRTIO_BALLOON_F_STATS_VQ,
+    VIRTIO_BALLOON_OOM_NR_PAGES,
+    VIRTIO_BALLOON_S_AVAIL,
+    VIRTIO_BALLOON_S_CACHES,
+    VIRTIO_BALLOON_S_HTLB_PGALLOC,
+    VIRTIO_BALLOON_S_HTLB_PGFAIL,
+    VIRTIO_BALLOON_S_MAJFLT,
+    VIRTIO_BALLOON_S_MEMFREE,
+    VIRTIO_BALLOON_S_MEMTOT,
+    VIRTIO_BALLOON_S_MINFLT,
+    VIRTIO_BALLOON_S_SWAP_IN,
+    VIRTIO_BALLOON_S_SWAP_OUT,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    QueueRole,
+    queue_roles,
+)
 from .virtqueue import DriverVirtqueue
 
 if sys.byteorder != "little":  # array('I').tobytes() is written as le32 below
     raise ImportError("vhostballoon.testing assumes a little-endian host")
-
-# The feature bits by their Linux names; one definition, in the device package.
-VIRTIO_BALLOON_F_MUST_TELL_HOST = int(BalloonFeature.MUST_TELL_HOST)
-VIRTIO_BALLOON_F_STATS_VQ = int(BalloonFeature.STATS_VQ)
-VIRTIO_BALLOON_F_DEFLATE_ON_OOM = int(BalloonFeature.DEFLATE_ON_OOM)
-VIRTIO_BALLOON_F_FREE_PAGE_HINT = int(BalloonFeature.FREE_PAGE_HINT)
-VIRTIO_BALLOON_F_PAGE_POISON = int(BalloonFeature.PAGE_POISON)
-VIRTIO_BALLOON_F_REPORTING = int(BalloonFeature.REPORTING)
-VIRTIO_RING_F_INDIRECT_DESC = int(RingFeature.INDIRECT_DESC)
-VIRTIO_RING_F_EVENT_IDX = int(RingFeature.EVENT_IDX)
-VIRTIO_F_VERSION_1 = int(RingFeature.VERSION_1)
 
 # What the real guest accepts. Seen with QEMU 10.2.2 and Linux 6.1: the guest
 # never acks INDIRECT_DESC through vhost-user-test-device-pci even when the
@@ -85,29 +101,10 @@ LINUX_FEATURES = (
     | VIRTIO_RING_F_EVENT_IDX
 )
 
-VIRTIO_BALLOON_ARRAY_PFNS_MAX = 256  # virtio_balloon.c: PFNs per inflate/deflate buffer
-PAGE_REPORTING_CAPACITY = 32  # mm/page_reporting.h: ranges per reporting buffer
-CONFIG_SIZE = 16  # struct virtio_balloon_config: num_pages, actual, free_page_hint_cmd_id, poison_val
-CONFIG_ACTUAL = 4
-CONFIG_POISON_VAL = 12
 OUT_OF_PUFF_SLEEP = 0.2  # fill_balloon: "Sleep for at least 1/5 of a second before retry."
 RAW_BUFFER_BYTES = 16 * PAGE_SIZE  # scratch buffer for send_pfns / send_raw_buffer (4096 PFNs)
-
-# include/uapi/linux/virtio_balloon.h: the tags a 6.1 kernel sends (10 entries).
-VIRTIO_BALLOON_S_SWAP_IN = 0
-VIRTIO_BALLOON_S_SWAP_OUT = 1
-VIRTIO_BALLOON_S_MAJFLT = 2
-VIRTIO_BALLOON_S_MINFLT = 3
-VIRTIO_BALLOON_S_MEMFREE = 4
-VIRTIO_BALLOON_S_MEMTOT = 5
-VIRTIO_BALLOON_S_AVAIL = 6
-VIRTIO_BALLOON_S_CACHES = 7
-VIRTIO_BALLOON_S_HTLB_PGALLOC = 8
-VIRTIO_BALLOON_S_HTLB_PGFAIL = 9
 _STAT = struct.Struct("<HQ")  # struct virtio_balloon_stat is packed: le16 tag, le64 val
-NUM_STATS = 10
 STATS_BUFFER_ENTRIES = 64  # room in the model's stats buffer (Linux: VIRTIO_BALLOON_S_NR)
-VIRTIO_BALLOON_OOM_NR_PAGES = 256  # virtio_balloon.c: pages leaked per OOM notification
 
 
 class PfnOrder(enum.Enum):
@@ -333,7 +330,7 @@ class BalloonDriver:
     async def towards_target(self) -> int:
         """Read num_pages (one GET_CONFIG); return target - actual."""
         config = await self.transport.read_config()
-        (self.target_pages,) = struct.unpack_from("<I", config, 0)
+        (self.target_pages,) = struct.unpack_from("<I", config, CONFIG_NUM_PAGES)
         return self.target_pages - self.actual_pages
 
     async def update_balloon_size_func(self) -> None:

@@ -4,12 +4,15 @@ scripts: /proc/meminfo, /proc/vmstat, and shmem THP switched for a while."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..device.hugepages import THP_SYSFS, pmd_size, sysfs_choice
-
 __all__ = ["meminfo", "vmstat", "shmem_thp", "sysfs_choice", "THP_SYSFS"]
+
+# Linux Documentation/admin-guide/mm/transhuge.rst: the THP knobs, shmem's
+# among them, and hpage_pmd_size (the size of a PMD-mapped huge page).
+THP_SYSFS = "/sys/kernel/mm/transparent_hugepage"
 
 
 def meminfo(key: str) -> int:
@@ -33,14 +36,37 @@ def vmstat(key: str) -> int:
     raise KeyError(key)
 
 
+def sysfs_choice(path: str) -> str | None:
+    """The selected value of a sysfs choice file ("always [advise] never"), or
+    None where the file is missing or unreadable."""
+    try:
+        with open(path, encoding="ascii") as f:
+            selected = re.search(r"\[([\w-]+)\]", f.read())
+    except OSError:
+        return None
+    return selected.group(1) if selected else None
+
+
+def _pmd_size_knob(name: str) -> str | None:
+    """The PMD size's own knob ``hugepages-<PMD size>kB/name`` (newer
+    kernels have one per THP size); None where this kernel has none."""
+    try:
+        with open(os.path.join(THP_SYSFS, "hpage_pmd_size"), encoding="ascii") as f:
+            pmd_kib = int(f.read()) >> 10
+    except (OSError, ValueError):
+        return None
+    path = os.path.join(THP_SYSFS, f"hugepages-{pmd_kib}kB", name)
+    return path if os.path.exists(path) else None
+
+
 @contextmanager
 def shmem_thp(value: str) -> Iterator[None]:
     """Set shmem THP (the top-level knob, and the PMD size's own knob on
     "inherit") to ``value``; what was there before comes back afterwards.
     Raises PermissionError where sysfs is not writable."""
     top = os.path.join(THP_SYSFS, "shmem_enabled")
-    per_size = os.path.join(THP_SYSFS, f"hugepages-{pmd_size() >> 10}kB", "shmem_enabled")
-    wanted = [(top, value)] + ([(per_size, "inherit")] if os.path.exists(per_size) else [])
+    per_size = _pmd_size_knob("shmem_enabled")
+    wanted = [(top, value)] + ([(per_size, "inherit")] if per_size else [])
     saved = []
     try:
         for path, setting in wanted:

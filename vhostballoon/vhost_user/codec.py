@@ -8,8 +8,10 @@ come with it. The decoder applies that table to every message before anyone
 sees it, so a handler only ever receives a body of exactly the right size
 with exactly the right fds.
 
-Both sides use this module. The back-end decodes requests and encodes
-replies; a front-end (tests, ``vhostballoon.testing``) does the opposite::
+The back-end decodes requests and encodes replies; tests that play the
+front-end by hand do the opposite (the conformance kit,
+``vhostballoon.testing``, has its own codec, ``testing/wire.py``, so that a
+bug here cannot agree with itself)::
 
     from vhostballoon.vhost_user.codec import MessageDecoder, encode, Empty
     from vhostballoon.vhost_user.constants import Request
