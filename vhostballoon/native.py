@@ -884,6 +884,7 @@ class WorkerCounters:
     refused: int = 0  # ranges refused (extents: malformed, or inflating ballooned pages)
     last_refused: tuple[int, int] = (0, 0)  # (gpa, len) of the first refused of the latest batch with one
     last_refused_why: str = ""
+    range_orders: tuple[int, ...] = (0,) * 32  # extents inflate: accepted ranges by order
 
     # Not running totals: minus() keeps the later value (discard: its own minus).
     _LATEST: ClassVar[frozenset[str]] = frozenset(
@@ -900,8 +901,9 @@ class WorkerCounters:
             discard.last_errno, discard.failed_region = self.discard.last_errno, self.discard.failed_region
         totals = {
             f.name: getattr(self, f.name) - getattr(earlier, f.name)
-            for f in fields(self) if f.name not in self._LATEST
+            for f in fields(self) if f.name not in self._LATEST and f.name != "range_orders"
         }
+        totals["range_orders"] = tuple(a - b for a, b in zip(self.range_orders, earlier.range_orders))
         latest = {name: getattr(self, name) for name in self._LATEST if name != "discard"}
         return WorkerCounters(**totals, **latest, discard=discard)
 
@@ -969,6 +971,7 @@ class QueueWorker:
             journal_waits=c.journal_waits, journal_dropped=c.journal_dropped,
             refused=c.refused, last_refused=(c.last_refused_gpa, c.last_refused_len),
             last_refused_why=REFUSE_REASONS.get(c.last_refused_why, "") if c.refused else "",
+            range_orders=tuple(c.range_orders),
         )
 
     def request_stop(self) -> None:
