@@ -33,6 +33,13 @@ except ImportError:  # loaded by path at build time (csrc/build_native.py)
     from journal_kinds import JournalKind  # type: ignore[no-redef]
 
 
+# The page of a page frame number, and so the balloon's unit everywhere (the
+# C core counts, tracks and frees in it): 4 KiB whatever the host's page size
+# (virtio 1.2, 5.5.6; VIRTIO_BALLOON_PFN_SHIFT in
+# linux/include/uapi/linux/virtio_balloon.h).  C gets it as VB_PAGE_SHIFT.
+PFN_SHIFT = 12
+
+
 class BufferFormat(enum.IntEnum):
     """What a buffer's descriptors carry (C: one sink per format)."""
 
