@@ -76,7 +76,7 @@ from vhostballoon.device.hugepages import (
 from vhostballoon.testing.host import shmem_thp, vmstat
 from vhostballoon.sizes import parse_size
 from vhostballoon.native import PAGE_SHIFT, PAGE_SIZE, DiscardStats, GuestMemory, PfnArray, RangeList
-from vhostballoon.testing.balloon_driver import allocation_order
+from vhostballoon.testing.allocation import allocation_order
 
 MiB = 1 << 20
 BATCH = 256  # PFNs per inflate buffer, as Linux sends them

@@ -38,15 +38,8 @@ from .balloon_driver import (
     Transport,
     allocation_order,
 )
-from .frontend import (
-    QEMU_PROTOCOL_FEATURES,
-    BackendRejected,
-    Channel,
-    Frontend,
-    FrontendError,
-    ProtocolViolation,
-    TranscriptEntry,
-)
+from .channel import BackendRejected, Channel, FrontendError, ProtocolViolation, TranscriptEntry
+from .frontend import QEMU_PROTOCOL_FEATURES, Frontend
 from .guest_ram import DEFAULT_UADDR, PAGE_SIZE, GuestMemoryError, GuestRAM
 from .model import ModelGuest, model_guest
 from .virtio_balloon import (

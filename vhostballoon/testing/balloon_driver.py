@@ -39,8 +39,6 @@ and one ``pack``; PFN buffers are written as whole ``array('I')`` blocks.
 
 from __future__ import annotations
 
-import enum
-import random
 import struct
 import sys
 import time
@@ -50,13 +48,17 @@ from typing import Protocol
 
 import trio
 
-from .guest_ram import PAGE_SHIFT, PAGE_SIZE, GuestRAM
+from .allocation import PfnOrder, allocation_order
+from .driver_errors import DeviceTimeout, DriverError
+from .guest_ram import PAGE_SIZE, GuestRAM
+from .range_driver import RangeBallooning
+from .reporting_driver import PageReporting
 from .virtio_balloon import (
     CONFIG_ACTUAL,
     CONFIG_NUM_PAGES,
     CONFIG_POISON_VAL,
+    OUT_OF_PUFF_SLEEP,
     PAGE_REPORTING_CAPACITY,
-    RANGE_BLOCK_PAGES,
     VIRTIO_BALLOON_ARRAY_PFNS_MAX,
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
     VIRTIO_BALLOON_F_FREE_PAGE_HINT,
@@ -106,26 +108,10 @@ LINUX_FEATURES = (
 # What this project's range driver accepts (guest/linux/vhostballoon_guest.ko):
 # Linux's, plus range ballooning (protocol/range-balloon.md).
 RANGE_FEATURES = LINUX_FEATURES | VIRTIO_BALLOON_F_RANGES
-RANGES_PER_BUFFER = 64  # the range driver's ranges per buffer (one descriptor each, ring permitting)
 
-OUT_OF_PUFF_SLEEP = 0.2  # fill_balloon: "Sleep for at least 1/5 of a second before retry."
 RAW_BUFFER_BYTES = 16 * PAGE_SIZE  # scratch buffer for send_pfns / send_raw_buffer (4096 PFNs)
 _STAT = struct.Struct("<HQ")  # struct virtio_balloon_stat is packed: le16 tag, le64 val
 STATS_BUFFER_ENTRIES = 64  # room in the model's stats buffer (Linux: VIRTIO_BALLOON_S_NR)
-
-
-class PfnOrder(enum.Enum):
-    RANDOM = "random"  # random guest pages, shuffled (the default)
-    LINUX = "linux"  # descending runs of consecutive PFNs, two runs interleaved, as a real guest sends
-    SEQUENTIAL = "sequential"  # ascending PFNs
-
-
-class DriverError(RuntimeError):
-    """The model guest could not do what it was asked."""
-
-
-class DeviceTimeout(DriverError):
-    """The device did not return a buffer in time."""
 
 
 class Transport(Protocol):
@@ -143,39 +129,7 @@ class Transport(Protocol):
     async def wait_call(self, queue_index: int) -> None: ...
 
 
-def allocation_order(
-    pfns: range, order: PfnOrder | str, *, seed: int = 0, run_length: int = 16, block_pages: int = 512
-) -> array:
-    """The order in which the model guest hands pages to the balloon.
-
-    LINUX: 2 MiB blocks from the top of memory down; two blocks at a time
-    are drained in alternating descending runs of ``run_length`` pages
-    (e.g. 0x3fdff..0x3fdf0, 0x3fbff..0x3fbf0, 0x3fdef..), which is how a
-    real guest's buddy allocator and per-cpu lists hand out pages.
-    """
-    order = PfnOrder(order)
-    if order is PfnOrder.SEQUENTIAL:
-        return array("I", pfns)
-    if order is PfnOrder.RANDOM:
-        shuffled = array("I", pfns).tolist()
-        random.Random(seed).shuffle(shuffled)
-        return array("I", shuffled)
-    result = array("I")
-    first, end = pfns.start, pfns.stop
-    tops = list(range(end, first, -block_pages))  # exclusive upper ends of blocks, top down
-    for pair in range(0, len(tops), 2):
-        blocks = [(top, max(top - block_pages, first)) for top in tops[pair : pair + 2]]
-        cursors = [top for top, _ in blocks]
-        while any(cursor > bottom for cursor, (_, bottom) in zip(cursors, blocks)):
-            for i, (_, bottom) in enumerate(blocks):
-                if cursors[i] > bottom:
-                    stop = max(cursors[i] - run_length, bottom)
-                    result.extend(range(cursors[i] - 1, stop - 1, -1))
-                    cursors[i] = stop
-    return result
-
-
-class BalloonDriver:
+class BalloonDriver(PageReporting, RangeBallooning):
     """The model guest's balloon driver.
 
     Lifecycle: ``await probe()`` (features, queues, device start, initial
@@ -427,116 +381,6 @@ class BalloonDriver:
         self._signal_progress()
         return num
 
-    # -- range ballooning (protocol/range-balloon.md) ---------------------------
-
-    def _take_free_blocks(self, count: int) -> list[int]:
-        """Up to ``count`` free naturally aligned 2 MiB blocks, highest first,
-        taken out of the free pages."""
-        blocks = [first for first, _ in reversed(self.free_blocks(RANGE_BLOCK_PAGES))][:count]
-        if blocks:
-            taken = bytearray(self.ram.num_pages)
-            for first in blocks:
-                taken[first : first + RANGE_BLOCK_PAGES] = b"\x01" * RANGE_BLOCK_PAGES
-            self._free_stack = array("I", (pfn for pfn in self._free_stack if not taken[pfn]))
-        return blocks
-
-    async def fill_ranges(self, num: int) -> int:
-        """Inflate by ranges, highest order first: whole free 2 MiB blocks
-        while at least one fits in ``num``, then 4 KiB pages; one buffer of
-        up to RANGES_PER_BUFFER ranges.  Returns pages inflated."""
-        limit = min(RANGES_PER_BUFFER, self.range_inflate_vq.num)
-        blocks = self._take_free_blocks(min(num // RANGE_BLOCK_PAGES, limit))
-        pages_left = num - len(blocks) * RANGE_BLOCK_PAGES
-        singles = array("I")
-        count = min(pages_left, limit - len(blocks), len(self._free_stack))
-        if count > 0:
-            singles = self._free_stack[-count:]
-            del self._free_stack[-count:]
-        ranges = [(first, RANGE_BLOCK_PAGES) for first in blocks] + [(pfn, 1) for pfn in singles]
-        if not ranges:
-            await trio.sleep(OUT_OF_PUFF_SLEEP)
-            return 0
-        async with self._balloon_lock:
-            pages = 0
-            for first, count in ranges:
-                self.balloon_bitmap[first : first + count] = b"\x01" * count
-                if self.touch_on_inflate:
-                    self.ram.clear_canary(range(first, first + count))
-                pages += count
-            self.range_blocks[9].extend(blocks)
-            self.range_blocks[0].extend(singles)
-            self.actual_pages += pages
-            rtt = await self._send_ranges(self.range_inflate_vq, ranges)
-            self.inflate_rtt_ns.append(rtt)
-            self.range_buffers += 1
-        self._signal_progress()
-        return pages
-
-    async def leak_ranges(self, num: int) -> int:
-        """Deflate by ranges, lowest order first: 4 KiB pages, then 2 MiB
-        blocks, the last one split when less than all of it must go back (its
-        other pages stay in the balloon as 4 KiB pages).  Returns pages deflated."""
-        limit = min(RANGES_PER_BUFFER, self.range_deflate_vq.num)
-        ranges: list[tuple[int, int]] = []
-        want = num
-        singles = self.range_blocks[0]
-        while want > 0 and singles and len(ranges) < limit:
-            ranges.append((singles.pop(), 1))
-            want -= 1
-        blocks = self.range_blocks[9]
-        while want > 0 and blocks and len(ranges) < limit:
-            first = blocks.pop()
-            if want >= RANGE_BLOCK_PAGES:
-                ranges.append((first, RANGE_BLOCK_PAGES))
-                want -= RANGE_BLOCK_PAGES
-            else:  # split: give back the top of the block, keep the rest as 4 KiB pages
-                keep = RANGE_BLOCK_PAGES - want
-                ranges.append((first + keep, want))
-                singles.extend(range(first + keep - 1, first - 1, -1))
-                want = 0
-        if not ranges:
-            return 0
-        async with self._balloon_lock:
-            pages = sum(count for _, count in ranges)
-            self.actual_pages -= pages
-            rtt = await self._send_ranges(self.range_deflate_vq, ranges)
-            self.deflate_rtt_ns.append(rtt)
-            self.range_buffers += 1
-            for first, count in ranges:  # the guest's again only now (MUST_TELL_HOST)
-                self.balloon_bitmap[first : first + count] = bytes(count)
-                pfns = array("I", range(first, first + count))
-                self.ram.touch(pfns)
-                self._free_stack.extend(pfns)
-        self._signal_progress()
-        return pages
-
-    async def send_ranges(self, role: QueueRole | str, ranges: Sequence[tuple[int, int]], *,
-                          wait: bool = True) -> int | None:
-        """Send ``(gpa, length)`` byte ranges as one buffer on a range queue
-        exactly as given (unaligned, empty, outside, wrapping, overlapping,
-        already ballooned...): the hostile-guest hook; the balloon's
-        accounting is not touched.  Returns the used length if waited."""
-        vq = self.queue(role)
-        async with self._queue_locks[vq.index]:
-            head = vq.add_buffer(list(ranges))
-            self._kick(vq)
-            if not wait:
-                return None
-            _, written = await self._wait_used(vq, head, f"raw range buffer of {len(ranges)} ranges")
-            return written
-
-    async def _send_ranges(self, vq: DriverVirtqueue, ranges: Sequence[tuple[int, int]]) -> int:
-        """One buffer of device-readable descriptors, each one range
-        (first PFN, pages), kick, wait for it. Returns ns."""
-        segments = [(first << PAGE_SHIFT, count << PAGE_SHIFT) for first, count in ranges]
-        async with self._queue_locks[vq.index]:
-            head = vq.add_buffer(segments)
-            start = time.perf_counter_ns()
-            self._kick(vq)
-            what = "range-inflate" if vq is self.range_inflate_vq else "range-deflate"
-            await self._wait_used(vq, head, f"{what} buffer of {len(ranges)} ranges")
-            return time.perf_counter_ns() - start
-
     async def wait_for_target(self, num_pages: int | None = None, *, timeout: float = 60.0) -> int:
         """Wait until the driver is idle with ``actual == target`` (or, given
         ``num_pages``, until actual equals it). Returns actual.
@@ -575,68 +419,6 @@ class BalloonDriver:
     def guest_owned_pfns(self) -> array:
         """A copy of the guest pages not in the balloon (outside the reserved area)."""
         return array("I", self._free_stack)
-
-    # -- free page reporting ---------------------------------------------------
-
-    async def report_free_pages(self, ranges: Sequence[tuple[int, int]]) -> int:
-        """Report ``(first_pfn, num_pages)`` ranges as free (REPORTING queue):
-        one device-writable buffer, one range per segment, as Linux does.
-        The pages stay the guest's but their content is gone afterwards.
-        Returns the bytes written by the device (Linux ignores it)."""
-        if self.reporting_vq is None:
-            raise DriverError("free page reporting was not negotiated")
-        if not 0 < len(ranges) <= PAGE_REPORTING_CAPACITY:
-            raise DriverError(f"a report holds 1..{PAGE_REPORTING_CAPACITY} ranges, got {len(ranges)}")
-        for first, count in ranges:
-            if first < self.ram.reserved_pages or first + count > self.ram.num_pages or count <= 0:
-                raise DriverError(f"report range {first:#x}+{count} is outside the guest's ordinary pages")
-            if any(self.balloon_bitmap[first : first + count]):
-                raise DriverError(f"report range {first:#x}+{count} overlaps the balloon")
-        segments = [(first << PAGE_SHIFT, count << PAGE_SHIFT) for first, count in ranges]
-        async with self._queue_locks[self.reporting_vq.index]:
-            head = self.reporting_vq.add_buffer((), segments)
-            self._kick(self.reporting_vq)
-            _, written = await self._wait_used(self.reporting_vq, head, f"report of {len(ranges)} ranges")
-            self.report_buffers += 1
-        return written
-
-    async def report_in_buffers(self, ranges: Sequence[tuple[int, int]]) -> int:
-        """Report any number of ``(first_pfn, num_pages)`` ranges, 32 per
-        buffer, one buffer at a time as page_reporting_process does.
-        Returns the number of buffers sent."""
-        buffers = 0
-        for at in range(0, len(ranges), PAGE_REPORTING_CAPACITY):
-            await self.report_free_pages(ranges[at : at + PAGE_REPORTING_CAPACITY])
-            buffers += 1
-        return buffers
-
-    def free_blocks(self, pages_per_block: int = 512) -> list[tuple[int, int]]:
-        """Naturally aligned blocks of ``pages_per_block`` guest pages (2 MiB
-        by default: x86's pageblock) with no page in the balloon: what a
-        guest could report if it freed them.  ``(first_pfn, num_pages)``."""
-        blocks = []
-        bitmap = self.balloon_bitmap
-        first = -(-self.ram.reserved_pages // pages_per_block) * pages_per_block
-        for start in range(first, self.ram.num_pages - pages_per_block + 1, pages_per_block):
-            if not any(bitmap[start : start + pages_per_block]):
-                blocks.append((start, pages_per_block))
-        return blocks
-
-    async def send_report(self, segments: Sequence[tuple[int, int]], *, wait: bool = True) -> int | None:
-        """Send ``(gpa, length)`` byte ranges as one reporting buffer exactly
-        as given (out of guest memory, misaligned, zero length, overlapping,
-        ballooned...): the hostile-guest hook.  Returns the used length if waited."""
-        vq = self.reporting_vq
-        if vq is None:
-            raise DriverError("free page reporting was not negotiated")
-        async with self._queue_locks[vq.index]:
-            head = vq.add_buffer((), list(segments))
-            self._kick(vq)
-            if not wait:
-                return None
-            _, written = await self._wait_used(vq, head, f"raw report of {len(segments)} entries")
-            self.report_buffers += 1
-            return written
 
     # -- deflate on OOM ----------------------------------------------------------
 

@@ -37,17 +37,24 @@ is an error; with NEED_REPLY the reply is u64 0/1 (``backend_read``).
 
 from __future__ import annotations
 
-import enum
 import os
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 
+from .channel import (
+    BackendRejected,
+    Channel,
+    FrontendError,
+    ProtocolViolation,
+    TranscriptEntry,
+    _eventfd,
+    _MessageChannel,
+)
 from .fds import close_fds
-from .fdsocket import FdSocket, FdSocketError, connect_unix
+from .fdsocket import connect_unix
 from .guest_ram import GuestRAM
 from .virtqueue import DriverVirtqueue
 from .wire import (
@@ -69,7 +76,6 @@ from .wire import (
     VringAddr,
     VringFd,
     VringState,
-    WireError,
     encode,
     header_of,
 )
@@ -80,77 +86,6 @@ PROTOCOL_FEATURES_BIT = VHOST_USER_F_PROTOCOL_FEATURES  # a mask: 1 << 30
 # QEMU keeps every protocol feature it knows (VHOST_USER_PROTOCOL_FEATURE_MASK,
 # vhost_user_backend_init): bits 0..19 in 10.2 (MQ .. DEVICE_STATE).
 QEMU_PROTOCOL_FEATURES = (1 << 20) - 1
-
-
-class FrontendError(Exception):
-    """The front-end could not do what it was asked (our side, or a dead peer)."""
-
-
-class ProtocolViolation(FrontendError):
-    """The back-end's reply is not what QEMU accepts (wrong request, flags or size)."""
-
-
-class BackendRejected(FrontendError):
-    """The back-end acked a request with a non-zero (failure) value."""
-
-
-class Channel(enum.Enum):
-    FRONT = "front"  # the front-end's socket: we send requests, the back-end replies
-    BACKEND = "backend"  # the backend-request channel: the back-end sends requests
-
-
-@dataclass(frozen=True)
-class TranscriptEntry:
-    channel: Channel
-    sent: bool  # True: this front-end wrote it
-    request: int  # Request or BackendRequest value
-    flags: int
-    size: int
-    payload: Any
-    nfds: int
-
-    @property
-    def name(self) -> str:
-        kind = Request if self.channel is Channel.FRONT else BackendRequest
-        try:
-            return kind(self.request).name
-        except ValueError:
-            return f"request {self.request}"
-
-
-def _eventfd() -> int:
-    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-
-class _MessageChannel:
-    """One unix stream socket moving bytes and fds, read as messages."""
-
-    def __init__(self, sock: trio.socket.SocketType, reader: MessageReader, channel: Channel) -> None:
-        self.socket = FdSocket(sock)
-        self.reader = reader
-        self.channel = channel
-
-    async def send(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        await self.socket.send(data, fds)
-
-    async def receive_message(self) -> Message | None:
-        """The next whole message, or None when the peer closed the socket."""
-        try:
-            while True:
-                message = self.reader.next_message()
-                if message is not None:
-                    return message
-                data, fds = await self.socket.receive()
-                if not data:
-                    close_fds(fds)
-                    return None
-                self.reader.feed(data, fds)  # the reader owns the fds now
-        except (WireError, FdSocketError) as exc:
-            raise ProtocolViolation(f"{self.channel.value} channel: {exc}") from exc
-
-    def close(self) -> None:
-        self.socket.close()
-        self.reader.close()
 
 
 class Frontend:

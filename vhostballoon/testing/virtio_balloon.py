@@ -73,6 +73,7 @@ def queue_roles(features: int) -> list[QueueRole]:
 VIRTIO_BALLOON_ARRAY_PFNS_MAX = 256  # virtio_balloon.c: PFNs per inflate/deflate buffer
 PAGE_REPORTING_CAPACITY = 32  # mm/page_reporting.h: ranges per reporting buffer
 RANGE_BLOCK_PAGES = 512  # protocol/range-balloon.md: the range driver's highest order, 2 MiB (order 9)
+OUT_OF_PUFF_SLEEP = 0.2  # virtio_balloon.c fill_balloon: "Sleep for at least 1/5 of a second before retry."
 VIRTIO_BALLOON_OOM_NR_PAGES = 256  # virtio_balloon.c: pages leaked per OOM notification
 
 # -- config space (virtio 5.5.4: struct virtio_balloon_config, all le32) -------------
