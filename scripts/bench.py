@@ -432,6 +432,10 @@ SCENARIOS = [
 ] + [
     Scenario(f"all-ranges-thp{'on' if thp else 'off'}", "all", "ranges", thp) for thp in (False, True)
 ] + [
+    # The auto policy with a low flush threshold, which flushes mid-balloon
+    # pages that would have completed (device/hugepages.py DEFAULT_FLUSH_BYTES).
+    Scenario("all-random-thpon-flush64m", "all", "random", True, backend_args=("--flush-bytes", "64M")),
+] + [
     Scenario("getconfig-balloon", "all", "linux", False, probe="balloon"),
     Scenario("getconfig-flush", "half", "random", True, probe="flush", backend_args=("--huge-policy", "whole")),
 ]
