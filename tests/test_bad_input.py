@@ -453,6 +453,11 @@ async def balloon_in_same_session(service, guest, *, extra_ballooned: int) -> No
 BLOCK_BYTES = 2 * MiB
 
 
+def range_guest(backend):
+    """A model guest that negotiates range ballooning (every queue: num_vqs 7)."""
+    return model_guest(backend.socket_path, ram_size=GUEST, features=RANGE_FEATURES, num_vqs=7)
+
+
 def bad_ranges(case: str, ram, good: int) -> tuple[list[tuple[int, int]], str, int]:
     """(the buffer's ranges, the reason the log names, how many are refused)
     for one kind of bad range; ``good`` is the gpa of a free 2 MiB block."""
@@ -473,7 +478,7 @@ def bad_ranges(case: str, ram, good: int) -> tuple[list[tuple[int, int]], str, i
 async def test_bad_inflate_ranges_are_refused_named_and_never_freed(backend, logs, case):
     service = backend.service
     async with then_next_frontend_is_served(backend, logs):
-        async with model_guest(backend.socket_path, ram_size=GUEST, features=RANGE_FEATURES, num_vqs=7) as guest:
+        async with range_guest(backend) as guest:
             ram, driver = guest.ram, guest.driver
             good = driver.free_blocks(512)[0][0] * PAGE
             ranges, reason, refused = bad_ranges(case, ram, good)
@@ -500,7 +505,7 @@ async def test_bad_inflate_ranges_are_refused_named_and_never_freed(backend, log
 async def test_a_range_already_in_the_balloon_is_refused_whole(backend, logs):
     service = backend.service
     async with then_next_frontend_is_served(backend, logs):
-        async with model_guest(backend.socket_path, ram_size=GUEST, features=RANGE_FEATURES, num_vqs=7) as guest:
+        async with range_guest(backend) as guest:
             ram, driver = guest.ram, guest.driver
             first = driver.free_blocks(512)[0][0]
             await driver.send_pfns("inflate", [first + 5])  # one page of the block, given by PFN
@@ -519,7 +524,7 @@ async def test_a_range_already_in_the_balloon_is_refused_whole(backend, logs):
 async def test_a_range_deflate_of_pages_never_given_frees_nothing(backend, logs):
     service = backend.service
     async with then_next_frontend_is_served(backend, logs):
-        async with model_guest(backend.socket_path, ram_size=GUEST, features=RANGE_FEATURES, num_vqs=7) as guest:
+        async with range_guest(backend) as guest:
             ram, driver = guest.ram, guest.driver
             first = driver.free_blocks(512)[0][0]
             holes = ram.host_holes()
