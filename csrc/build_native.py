@@ -78,6 +78,7 @@ def generated_defines() -> list[tuple[str, int, str]]:
     ]
     out += [(f"VB_JOURNAL_{k.name}", int(k), "vhostballoon/device/journal_kinds.py") for k in kinds.JournalKind]
     out += [(f"VB_FORMAT_{f.name}", int(f), "vhostballoon/device/queues.py") for f in queues.BufferFormat]
+    out += [("VB_PAGE_SHIFT", queues.PFN_SHIFT, "vhostballoon/device/queues.py")]
     return out
 
 

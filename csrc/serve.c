@@ -398,6 +398,15 @@ static int serve_available(vb_worker *w)
             w->c.last_refused_len = batch.refused ? batch.first_refused_len : up.first_refused_len;
             w->c.last_refused_why = batch.refused ? batch.first_refused_why : VB_REFUSE_BALLOONED;
         }
+        if (w->inflate && w->whole) {
+            /* Each accepted range flipped whole and is one changed range. */
+            for (uint32_t i = 0; i < up.n_changed; i++) {
+                uint64_t pages = w->changed[i].len >> VB_PAGE_SHIFT;
+                int order = pages ? 63 - __builtin_clzll(pages) : 0;
+
+                w->c.range_orders[order < 32 ? order : 31]++;
+            }
+        }
         w->c.flushes += (uint64_t)flushed;
         w->c.freed_measured += measured;
         if (st.bytes_failed) {

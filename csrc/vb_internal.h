@@ -13,9 +13,8 @@
 #include "vb_core.h"
 
 /* The balloon and the discard engine work in 4 KiB pages whatever the host
- * page size: virtio 1.x 5.5.6 "the page size is 4096 bytes" for PFNs
- * (VIRTIO_BALLOON_PFN_SHIFT in linux/include/uapi/linux/virtio_balloon.h). */
-#define VB_PAGE_SHIFT 12
+ * page size: VB_PAGE_SHIFT comes from vhostballoon/device/queues.py
+ * (PFN_SHIFT) through vb_gen.h. */
 #define VB_PAGE_SIZE ((uint64_t)1 << VB_PAGE_SHIFT)
 
 /* Values of vb_region.discard_method. */

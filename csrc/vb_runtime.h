@@ -49,6 +49,7 @@ typedef struct vb_worker_counters {
     uint64_t journal_waits;     /* 1 ms waits for a snapshot (journal full) */
     uint64_t journal_dropped;   /* records dropped: no snapshot came within 2 s */
     vb_discard_stats discard;   /* cumulative; last_errno/failed_region: the latest failure */
+    uint64_t range_orders[32];  /* extents inflate: accepted ranges by order (log2 of their 4 KiB pages) */
     int broken;                 /* the ring was malformed: the worker stopped (error says why) */
     int running;                /* no stop requested or taken yet */
     char error[200];

@@ -83,7 +83,7 @@ import trio
 from vhostballoon.device.hugepages import THP_SYSFS, pmd_size, sysfs_choice
 from vhostballoon.native import PAGE_SHIFT, PAGE_SIZE, GuestMemory, RangeList
 from vhostballoon.sizes import parse_size
-from vhostballoon.testing import GuestRAM, model_guest
+from vhostballoon.testing import RANGE_FEATURES, GuestRAM, model_guest
 from vhostballoon.testing.guest_ram import DEFAULT_UADDR
 
 MiB = 1 << 20
@@ -414,7 +414,7 @@ def baseline(kind: str, pfns: array, size: int, thp: bool, *, foreign: bool = Fa
 class Scenario:
     name: str
     amount: str  # "all" | "half"
-    order: str  # "linux" | "random"
+    order: str  # "linux" | "random" | "ranges" (the range guest: 2 MiB blocks first, protocol/range-balloon.md)
     thp: bool
     probe: str | None = None  # None | "balloon" | "flush"
     backend_args: tuple[str, ...] = ()
@@ -429,6 +429,8 @@ SCENARIOS = [
     for thp in (False, True)
     for amount in ("all", "half")
     for order in ("linux", "random")
+] + [
+    Scenario(f"all-ranges-thp{'on' if thp else 'off'}", "all", "ranges", thp) for thp in (False, True)
 ] + [
     Scenario("getconfig-balloon", "all", "linux", False, probe="balloon"),
     Scenario("getconfig-flush", "half", "random", True, probe="flush", backend_args=("--huge-policy", "whole")),
@@ -471,8 +473,10 @@ async def balloon_run(sc: Scenario, size: int, run: int, workdir: str, profile_t
         thp = ShmemThp(sc.thp)
         thp.apply()
         try:
-            async with model_guest(backend.socket_path, ram_size=size, order=sc.order, huge_pages=sc.thp,
-                                   seed=run) as guest:
+            guest_args = (dict(features=RANGE_FEATURES, num_vqs=7) if sc.order == "ranges"
+                          else dict(order=sc.order))
+            async with model_guest(backend.socket_path, ram_size=size, huge_pages=sc.thp, seed=run,
+                                   **guest_args) as guest:
                 thp.restore()  # the back-end has read sysfs (ADD_MEM_REG) and RAM is touched
                 ram = guest.ram
                 ballooned = ram.num_pages - ram.reserved_pages if sc.amount == "all" else (size // 2) >> PAGE_SHIFT
@@ -647,6 +651,12 @@ GOALS = [
      lambda r: (r["getconfig_p99_us"] <= 2000, f"{r['getconfig_p99_us']:.0f} us")),
     ("GET_CONFIG p99 <= 2 ms during one large discard (flush of half of RAM)", "getconfig-flush",
      lambda r: (r["getconfig_p99_us"] <= 2000, f"{r['getconfig_p99_us']:.0f} us")),
+    ("range guest, THP: back-end CPU <= 1.5x whole-range fallocate", "all-ranges-thpon",
+     lambda r: (r["backend_over_whole"] <= 1.5, f"{r['backend_over_whole']:.2f}x")),
+    ("range guest, no THP: back-end CPU <= 1.2x whole-range fallocate", "all-ranges-thpoff",
+     lambda r: (r["backend_over_whole"] <= 1.2, f"{r['backend_over_whole']:.2f}x")),
+    ("range guest, THP: zero splits", "all-ranges-thpon",
+     lambda r: (r["splits"] == 0, f"{r['splits']:.0f} splits")),
     ("peak back-end RSS <= 60 MiB for a 4 GiB guest (--size 4G)", "all-linux-thpoff",
      lambda r: (r["peak_rss_mib"] <= 60, f"{r['peak_rss_mib']:.1f} MiB")),
 ]

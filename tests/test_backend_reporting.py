@@ -153,7 +153,7 @@ async def test_without_poison_offered_a_poisoning_guest_does_not_report(nursery,
         assert guest.driver.roles == [QueueRole.INFLATE, QueueRole.DEFLATE, QueueRole.STATS]
         info = service.query()
         assert info["queues"] == ["inflate", "deflate", "stats"]
-        assert info["offered-queues"] == ["inflate", "deflate", "stats", "reporting"]
+        assert info["offered-queues"] == ["inflate", "deflate", "stats", "reporting", "range-inflate", "range-deflate"]
 
 
 async def test_memory_table_change_keeps_rings_where_they_were(backend):

@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from backend_support import MiB, PAGE, fd_count, log_text, wait_no_session, wait_pending_freed, wait_until
-from vhostballoon.testing import Frontend, FrontendError, GuestRAM, model_guest
+from vhostballoon.testing import RANGE_FEATURES, Frontend, FrontendError, GuestRAM, model_guest
 from vhostballoon.vhost_user.codec import (
     MemoryRegion,
     MemoryTable,
@@ -36,7 +36,7 @@ from vhostballoon.vhost_user.codec import (
 from vhostballoon.vhost_user.constants import VERSION, Request
 
 GUEST = 64 * MiB  # small guests: these tests are about correctness, not volume
-NUM_QUEUES = 5  # vhostballoon.device.queues.MAX_QUEUES
+NUM_QUEUES = 7  # vhostballoon.device.queues.device_queue_count(DEFAULT_FEATURES): the range queues are offered
 
 
 def header(request: int, flags: int, size: int) -> bytes:
@@ -167,11 +167,11 @@ PROTOCOL_CASES = [
     ),
     pytest.param(
         initialized, encode(Request.SET_VRING_NUM, VringState(index=7, num=128)), (),
-        ["SET_VRING_NUM: queue 7 out of range (device has 5 queues)"], [], id="queue-index-out-of-range",
+        ["SET_VRING_NUM: queue 7 out of range (device has 7 queues)"], [], id="queue-index-out-of-range",
     ),
     pytest.param(
         initialized, encode(Request.SET_VRING_CALL, VringFd(index=9)), ("eventfd",),
-        ["SET_VRING_CALL: queue 9 out of range (device has 5 queues)"], [], id="queue-index-with-fd",
+        ["SET_VRING_CALL: queue 9 out of range (device has 7 queues)"], [], id="queue-index-with-fd",
     ),
     pytest.param(
         initialized, encode(Request.SET_VRING_NUM, VringState(index=0, num=100)), (),
@@ -446,3 +446,87 @@ async def balloon_in_same_session(service, guest, *, extra_ballooned: int) -> No
     assert service.query()["ballooned-bytes"] == 1 * MiB + extra_ballooned
     assert ram.host_holes() == set(driver.balloon_pfns) | extra_holes
     assert ram.check_canary(sorted(set(driver.guest_owned_pfns()) - extra_holes)) == []
+
+
+# -- range queues (protocol/range-balloon.md): every bad range refused, named, never freed ---------
+
+BLOCK_BYTES = 2 * MiB
+
+
+def bad_ranges(case: str, ram, good: int) -> tuple[list[tuple[int, int]], str, int]:
+    """(the buffer's ranges, the reason the log names, how many are refused)
+    for one kind of bad range; ``good`` is the gpa of a free 2 MiB block."""
+    end = ram.num_pages * PAGE
+    return {
+        "unaligned-address": ([(good + 512, PAGE)], "not 4 KiB aligned", 1),
+        "unaligned-length": ([(good, PAGE + 1)], "not 4 KiB aligned", 1),
+        "empty": ([(good, 0)], "empty", 1),
+        "past-guest-memory": ([(end, PAGE), (end - PAGE, 2 * PAGE)], "not inside one region of guest memory", 2),
+        "wrapping": ([(2**64 - PAGE, 2 * PAGE)], "wraps around", 1),
+        "overlapping": ([(good, 4 * PAGE), (good + 2 * PAGE, 4 * PAGE)], "overlaps another range of the buffer", 1),
+    }[case]
+
+
+@pytest.mark.parametrize(
+    "case", ["unaligned-address", "unaligned-length", "empty", "past-guest-memory", "wrapping", "overlapping"]
+)
+async def test_bad_inflate_ranges_are_refused_named_and_never_freed(backend, logs, case):
+    service = backend.service
+    async with then_next_frontend_is_served(backend, logs):
+        async with model_guest(backend.socket_path, ram_size=GUEST, features=RANGE_FEATURES, num_vqs=7) as guest:
+            ram, driver = guest.ram, guest.driver
+            good = driver.free_blocks(512)[0][0] * PAGE
+            ranges, reason, refused = bad_ranges(case, ram, good)
+            holes = ram.host_holes()
+            written = await driver.send_ranges("range-inflate", ranges)
+            assert written == 0  # the buffer always comes back, used len 0
+            info = service.query()
+            assert info["ranges-refused"] == refused
+            assert info["broken-queues"] == {}
+            await wait_pending_freed(service)
+            # Only a valid range of the buffer (the first of "overlapping") is ballooned and freed.
+            valid = {r for r in ranges if r[0] == good and r[1] == 4 * PAGE} if case == "overlapping" else set()
+            expected = set().union(*(set(range(a // PAGE, (a + n) // PAGE)) for a, n in valid))
+            assert info["ballooned-bytes"] == len(expected) * PAGE
+            assert ram.host_holes() == holes | expected
+            assert ram.check_canary(sorted(set(driver.guest_owned_pfns()) - expected)) == []
+            warnings = log_text([e for e in logs if e.get("log_level") == "warning"])
+            assert "ranges refused" in warnings and (f"reason='{reason}'" in warnings or f"reason={reason}" in warnings)
+            bad = next(r for r in ranges if (r[0], r[1]) not in valid)
+            assert f"addr={bad[0]:#x}" in warnings and f"len={bad[1]}" in warnings
+            await balloon_in_same_session(service, guest, extra_ballooned=len(expected) * PAGE)
+
+
+async def test_a_range_already_in_the_balloon_is_refused_whole(backend, logs):
+    service = backend.service
+    async with then_next_frontend_is_served(backend, logs):
+        async with model_guest(backend.socket_path, ram_size=GUEST, features=RANGE_FEATURES, num_vqs=7) as guest:
+            ram, driver = guest.ram, guest.driver
+            first = driver.free_blocks(512)[0][0]
+            await driver.send_pfns("inflate", [first + 5])  # one page of the block, given by PFN
+            await wait_pending_freed(service)
+            written = await driver.send_ranges("range-inflate", [(first * PAGE, BLOCK_BYTES)])
+            assert written == 0
+            info = service.query()
+            assert info["ranges-refused"] == 1 and info["ballooned-bytes"] == PAGE
+            await wait_pending_freed(service)
+            assert ram.host_holes() == {first + 5}  # nothing of the refused range freed
+            assert ram.check_canary(sorted(set(driver.guest_owned_pfns()) - {first + 5})) == []
+            assert "already in the balloon" in log_text(logs)
+            await balloon_in_same_session(service, guest, extra_ballooned=PAGE)
+
+
+async def test_a_range_deflate_of_pages_never_given_frees_nothing(backend, logs):
+    service = backend.service
+    async with then_next_frontend_is_served(backend, logs):
+        async with model_guest(backend.socket_path, ram_size=GUEST, features=RANGE_FEATURES, num_vqs=7) as guest:
+            ram, driver = guest.ram, guest.driver
+            first = driver.free_blocks(512)[0][0]
+            holes = ram.host_holes()
+            assert await driver.send_ranges("range-deflate", [(first * PAGE, BLOCK_BYTES)]) == 0
+            info = service.query()
+            assert info["ballooned-bytes"] == 0 and info["pages-deflated"] == 0 and info["repeated-pfns"] == 512
+            await wait_pending_freed(service)
+            assert ram.host_holes() == holes
+            assert ram.check_canary(sorted(driver.guest_owned_pfns())) == []
+            await balloon_in_same_session(service, guest, extra_ballooned=0)

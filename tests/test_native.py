@@ -985,7 +985,7 @@ def test_generated_header_matches_the_python_sources():
     from vhostballoon._native import ffi, lib
     from vhostballoon.device import config_layout
     from vhostballoon.device.journal_kinds import JournalKind
-    from vhostballoon.device.queues import BufferFormat
+    from vhostballoon.device.queues import PFN_SHIFT, BufferFormat
     from vhostballoon.vhost_user import constants as c
 
     want = {
@@ -1005,6 +1005,7 @@ def test_generated_header_matches_the_python_sources():
         "VB_CONFIG_OFF_POISON": config_layout.POISON_OFFSET,
         **{f"VB_JOURNAL_{k.name}": int(k) for k in JournalKind},
         **{f"VB_FORMAT_{f.name}": int(f) for f in BufferFormat},
+        "VB_PAGE_SHIFT": PFN_SHIFT,
     }
     text = (REPO_CSRC / "vb_gen.h").read_text()
     header = {m[0]: int(m[1]) for m in re.findall(r"^#define (VB_\w+) (\d+)", text, re.M)}

@@ -55,8 +55,10 @@ def test_feature_spec(spec, balloon):
 def test_default_offer_is_everything_implemented_and_never_free_page_hint():
     assert DEFAULT_FEATURES == parse_feature_spec("all")
     assert not DEFAULT_FEATURES & F.FREE_PAGE_HINT
-    assert queues_needed(DEFAULT_FEATURES) == 4  # inflate, deflate, stats, reporting
-    assert queues_needed(parse_feature_spec("-stats")) == 3
+    # inflate, deflate, stats, reporting, range-inflate, range-deflate
+    assert queues_needed(DEFAULT_FEATURES) == 6
+    assert queues_needed(parse_feature_spec("-stats")) == 5
+    assert queues_needed(parse_feature_spec("-ranges")) == 4  # what a stock Linux guest uses
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from ..native import (
 )
 from .config import CONFIG_SIZE, check_access
 from .features import DEFAULT_FEATURES, RingFeature, feature_names
-from .queues import QueueRole, queue_roles
+from .queues import SPECS, BufferFormat, Direction, QueueRole, queue_roles
 from .reporting import ReportCounters, ReportPlan, Skip, plan_report
 from .stats import MAX_STATS_BYTES, GuestStats
 
@@ -104,6 +104,13 @@ class Counters:
     deflate_buffers: int = 0
     pages_inflated: int = 0
     pages_deflated: int = 0
+    # The range queues (protocol/range-balloon.md), also in the totals above.
+    range_inflate_buffers: int = 0
+    range_deflate_buffers: int = 0
+    pages_inflated_by_range: int = 0
+    pages_deflated_by_range: int = 0
+    ranges_refused: int = 0
+    ranges_by_order: list[int] = field(default_factory=lambda: [0] * 32)
     invalid_pfns: int = 0
     repeated_pfns: int = 0
     discard: DiscardStats = field(default_factory=DiscardStats)
@@ -236,23 +243,45 @@ class BalloonDevice:
     # -- inflate / deflate ---------------------------------------------------
 
     def record_queue_work(self, role: QueueRole, work: WorkerCounters) -> None:
-        """Count what a queue worker did (the C core's totals since the last
+        """Count what a queue thread did (the C core's totals since the last
         call) and say what the guest got wrong: invalid PFNs are ignored and
-        never freed; repeated ones change nothing."""
-        if role not in (QueueRole.INFLATE, QueueRole.DEFLATE):
-            raise ValueError(f"{role.value} queue carries no PFNs")
-        inflate = role is QueueRole.INFLATE
+        never freed; repeated ones change nothing; a refused range (malformed,
+        or an inflate of pages already ballooned) changes nothing."""
+        spec = SPECS[role]
+        if spec.journal_kind is None:
+            raise ValueError(f"{role.value} queue moves no pages")
+        inflate = spec.direction is Direction.INFLATE
+        by_range = spec.format is BufferFormat.EXTENTS
         c = self.counters
         if inflate:
-            c.inflate_buffers += work.buffers
             c.pages_inflated += work.changed
         else:
-            c.deflate_buffers += work.buffers
             c.pages_deflated += work.changed
+        if by_range:
+            if inflate:
+                c.range_inflate_buffers += work.buffers
+                c.pages_inflated_by_range += work.changed
+                for order, count in enumerate(work.range_orders):
+                    c.ranges_by_order[order] += count
+            else:
+                c.range_deflate_buffers += work.buffers
+                c.pages_deflated_by_range += work.changed
+            c.ranges_refused += work.refused
+        elif inflate:
+            c.inflate_buffers += work.buffers
+        else:
+            c.deflate_buffers += work.buffers
         c.invalid_pfns += work.invalid
         c.repeated_pfns += work.unchanged
         c.discard.add(work.discard)
         c.freed_measured += work.freed_measured
+        if work.refused:
+            gpa, length = work.last_refused
+            log.warning(
+                "ranges refused: never freed, the buffer goes back",
+                queue=role.value, count=work.refused, reason=work.last_refused_why,
+                addr=hex(gpa), len=length, guest_ram=hex(self.ram_bytes),
+            )
         if work.invalid:
             log.warning(
                 "pfns outside guest memory ignored",
@@ -322,6 +351,10 @@ class BalloonDevice:
         """Figures for query-balloon (names in QMP's dash style)."""
         c = self.counters
         config = self.mailbox.read()
+        # Pages given by range and not taken back (by range or by PFN: the
+        # bitmap does not say which queue a page came by, so a range page
+        # deflated by PFN is counted against the PFN side).
+        by_range = min(self.memory.ballooned_pages, max(0, c.pages_inflated_by_range - c.pages_deflated_by_range))
         return {
             "num-pages": config.num_pages,
             "actual-pages": config.actual,
@@ -333,6 +366,14 @@ class BalloonDevice:
             "deflate-buffers": c.deflate_buffers,
             "pages-inflated": c.pages_inflated,
             "pages-deflated": c.pages_deflated,
+            "range-inflate-buffers": c.range_inflate_buffers,
+            "range-deflate-buffers": c.range_deflate_buffers,
+            "pages-inflated-by-range": c.pages_inflated_by_range,
+            "pages-deflated-by-range": c.pages_deflated_by_range,
+            "pages-ballooned-by-range": by_range,
+            "pages-ballooned-by-pfn": max(0, self.memory.ballooned_pages - by_range),
+            "ranges-by-order": {str(order): n for order, n in enumerate(c.ranges_by_order) if n},
+            "ranges-refused": c.ranges_refused,
             "invalid-pfns": c.invalid_pfns,
             "repeated-pfns": c.repeated_pfns,
             "discarded-bytes": c.discard.bytes_freed,

@@ -17,6 +17,11 @@ class BalloonFeature(enum.IntFlag):
     FREE_PAGE_HINT = 1 << 3  # free page hinting virtqueue (migration aid)
     PAGE_POISON = 1 << 4  # guest poisons free pages; config poison_val valid
     REPORTING = 1 << 5  # free page reporting virtqueue
+    # Experimental, this project's (protocol/range-balloon.md): the
+    # range-inflate and range-deflate queues, whose descriptors are ranges.
+    # Bit 60: the upper device-specific range (50-127, virtio 1.2 section 6),
+    # clear of the low bits that upstream and other proposals use (0-8).
+    RANGES = 1 << 60
 
 
 class RingFeature(enum.IntFlag):
@@ -39,12 +44,14 @@ FEATURE_FLAGS: dict[str, BalloonFeature] = {
     "oom": BalloonFeature.DEFLATE_ON_OOM,
     "poison": BalloonFeature.PAGE_POISON,
     "reporting": BalloonFeature.REPORTING,
+    "ranges": BalloonFeature.RANGES,
 }
 FEATURE_ALIASES = {
     "stats-vq": "stats",
     "deflate-on-oom": "oom",
     "page-poison": "poison",
     "free-page-reporting": "reporting",
+    "range-balloon": "ranges",
 }
 IMPLEMENTED_FEATURES = int(sum(FEATURE_FLAGS.values(), BalloonFeature(0)))
 

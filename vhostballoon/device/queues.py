@@ -33,6 +33,13 @@ except ImportError:  # loaded by path at build time (csrc/build_native.py)
     from journal_kinds import JournalKind  # type: ignore[no-redef]
 
 
+# The page of a page frame number, and so the balloon's unit everywhere (the
+# C core counts, tracks and frees in it): 4 KiB whatever the host's page size
+# (virtio 1.2, 5.5.6; VIRTIO_BALLOON_PFN_SHIFT in
+# linux/include/uapi/linux/virtio_balloon.h).  C gets it as VB_PAGE_SHIFT.
+PFN_SHIFT = 12
+
+
 class BufferFormat(enum.IntEnum):
     """What a buffer's descriptors carry (C: one sink per format)."""
 
@@ -66,6 +73,8 @@ class QueueRole(enum.Enum):
     STATS = "stats"
     FREE_PAGE_HINT = "free-page-hint"
     REPORTING = "reporting"
+    RANGE_INFLATE = "range-inflate"
+    RANGE_DEFLATE = "range-deflate"
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,7 @@ class QueueSpec:
     served_by: Server
     device_writable: bool  # descriptors are device-writable (the device fills them) vs device-readable
     journal_kind: JournalKind | None  # record kind of the page changes it makes; None: none journaled
+    extension: bool = False  # not in the virtio spec: the device has the queue only when it offers the feature
 
 
 QUEUES: tuple[QueueSpec, ...] = (
@@ -90,12 +100,24 @@ QUEUES: tuple[QueueSpec, ...] = (
               Server.NONE, True, None),
     QueueSpec(QueueRole.REPORTING, BufferFormat.EXTENTS, Direction.REPORT, int(BalloonFeature.REPORTING),
               Server.PYTHON, True, None),
+    # protocol/range-balloon.md: each device-readable descriptor is one range.
+    QueueSpec(QueueRole.RANGE_INFLATE, BufferFormat.EXTENTS, Direction.INFLATE, int(BalloonFeature.RANGES),
+              Server.C_THREAD, False, JournalKind.INFLATE_RANGES, extension=True),
+    QueueSpec(QueueRole.RANGE_DEFLATE, BufferFormat.EXTENTS, Direction.DEFLATE, int(BalloonFeature.RANGES),
+              Server.C_THREAD, False, JournalKind.DEFLATE_RANGES, extension=True),
 )
 
 SPECS: dict[QueueRole, QueueSpec] = {spec.role: spec for spec in QUEUES}
 
-# The most queues a balloon can have; QEMU's num_vqs may not exceed it.
+# The most queues a balloon can have.
 MAX_QUEUES = len(QUEUES)
+
+
+def device_queue_count(offered: int) -> int:
+    """The queues a device offering these features has (GET_QUEUE_NUM; QEMU's
+    num_vqs may not exceed it): every queue of the virtio spec, whether
+    offered or not, and an extension's queues only when it is offered."""
+    return sum(1 for spec in QUEUES if not spec.extension or offered & spec.feature)
 
 
 def queue_specs(features: int) -> list[QueueSpec]:

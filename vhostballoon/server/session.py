@@ -39,7 +39,7 @@ import trio
 from ..device.balloon import BalloonDevice, FeatureError
 from ..device.config import CONFIG_SIZE, ConfigAccessError
 from ..device.hugepages import FlushPolicy, HugePageTracker
-from ..device.queues import MAX_QUEUES, QueueRole
+from ..device.queues import SPECS, QueueRole, device_queue_count
 from ..native import FrontReader, GuestMemory, MemoryTableError, RangeList, RingError
 from ..vhost_user import connection as vu
 from ..vhost_user.constants import MAX_MEM_SLOTS, VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
@@ -84,7 +84,7 @@ class FrontendSession:
         self.conn = vu.BackendConnection(
             device_features=features,
             protocol_features=PROTOCOL_FEATURES,
-            num_queues=MAX_QUEUES,
+            num_queues=device_queue_count(features),
             config_size=CONFIG_SIZE,
             max_mem_slots=MAX_MEM_SLOTS,
         )
@@ -389,7 +389,7 @@ class FrontendSession:
         if (
             ev.base == 0
             and stopped_at
-            and self.device.role_of(ev.index) in (QueueRole.INFLATE, QueueRole.DEFLATE)
+            and self._moves_pages(ev.index)
             and self.memory.ballooned_pages
         ):
             async with self.memory_lock:
@@ -401,6 +401,11 @@ class FrontendSession:
                 ring_was_at=stopped_at,
                 pages_released_from_balloon=released,
             )
+
+    def _moves_pages(self, index: int) -> bool:
+        """The queue at index inflates or deflates (its changes are journaled)."""
+        role = self.device.role_of(index)
+        return role is not None and SPECS[role].journal_kind is not None
 
     def _empty_balloon(self) -> int:
         """Mark every page as out of the balloon (memory lock held). Nothing

@@ -30,6 +30,7 @@ Pieces, usable on their own:
 
 from .balloon_driver import (
     LINUX_FEATURES,
+    RANGE_FEATURES,
     BalloonDriver,
     DeviceTimeout,
     DriverError,
@@ -78,6 +79,7 @@ __all__ = [
     "GuestMemoryError",
     "GuestRAM",
     "LINUX_FEATURES",
+    "RANGE_FEATURES",
     "ModelGuest",
     "PAGE_SIZE",
     "PfnOrder",

@@ -56,11 +56,13 @@ from .virtio_balloon import (
     CONFIG_NUM_PAGES,
     CONFIG_POISON_VAL,
     PAGE_REPORTING_CAPACITY,
+    RANGE_BLOCK_PAGES,
     VIRTIO_BALLOON_ARRAY_PFNS_MAX,
     VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
     VIRTIO_BALLOON_F_FREE_PAGE_HINT,
     VIRTIO_BALLOON_F_MUST_TELL_HOST,
     VIRTIO_BALLOON_F_PAGE_POISON,
+    VIRTIO_BALLOON_F_RANGES,
     VIRTIO_BALLOON_F_REPORTING,
     VIRTIO_BALLOON_F_STATS_VQ,
     VIRTIO_BALLOON_OOM_NR_PAGES,
@@ -100,6 +102,11 @@ LINUX_FEATURES = (
     | VIRTIO_BALLOON_F_REPORTING
     | VIRTIO_RING_F_EVENT_IDX
 )
+
+# What this project's range driver accepts (guest/linux/vhostballoon_guest.ko):
+# Linux's, plus range ballooning (protocol/range-balloon.md).
+RANGE_FEATURES = LINUX_FEATURES | VIRTIO_BALLOON_F_RANGES
+RANGES_PER_BUFFER = 64  # the range driver's ranges per buffer (one descriptor each, ring permitting)
 
 OUT_OF_PUFF_SLEEP = 0.2  # fill_balloon: "Sleep for at least 1/5 of a second before retry."
 RAW_BUFFER_BYTES = 16 * PAGE_SIZE  # scratch buffer for send_pfns / send_raw_buffer (4096 PFNs)
@@ -205,6 +212,12 @@ class BalloonDriver:
         self.stats_vq: DriverVirtqueue | None = None
         self.free_page_vq: DriverVirtqueue | None = None
         self.reporting_vq: DriverVirtqueue | None = None
+        self.range_inflate_vq: DriverVirtqueue | None = None
+        self.range_deflate_vq: DriverVirtqueue | None = None
+        # Range ballooning: the blocks in the balloon by order (first PFNs,
+        # newest last); only orders 0 and 9 (RANGE_BLOCK_PAGES) are used.
+        self.range_blocks: dict[int, list[int]] = {0: [], 9: []}
+        self.range_buffers = 0
 
         # Pages the guest can give, next one at the end; pages in the balloon, newest at the end.
         self._free_stack = allocation_order(ram.guest_pfns(), self.order, seed=seed)
@@ -246,6 +259,7 @@ class BalloonDriver:
         self._free_stack = array("I", previous._free_stack)
         self._balloon_stack = array("I", previous._balloon_stack)
         self.balloon_bitmap[:] = previous.balloon_bitmap
+        self.range_blocks = {order: list(firsts) for order, firsts in previous.range_blocks.items()}
         self.actual_pages = previous.actual_pages
 
     # -- probe ---------------------------------------------------------------
@@ -283,6 +297,8 @@ class BalloonDriver:
         self.stats_vq = by_role.get(QueueRole.STATS)
         self.free_page_vq = by_role.get(QueueRole.FREE_PAGE_HINT)
         self.reporting_vq = by_role.get(QueueRole.REPORTING)
+        self.range_inflate_vq = by_role.get(QueueRole.RANGE_INFLATE)
+        self.range_deflate_vq = by_role.get(QueueRole.RANGE_DEFLATE)
         self._queue_locks = {vq.index: trio.Lock() for vq in self.queues}
         self._pfn_buf_gpa = self.ram.alloc_reserved(4 * VIRTIO_BALLOON_ARRAY_PFNS_MAX, align=64)
         self._raw_buf_gpa = self.ram.alloc_reserved(RAW_BUFFER_BYTES, align=PAGE_SIZE)
@@ -357,7 +373,11 @@ class BalloonDriver:
 
     async def fill_balloon(self, num: int) -> int:
         """Take up to 256 free guest pages, tell the host through the inflate
-        queue, wait for the buffer to come back. Returns pages inflated."""
+        queue, wait for the buffer to come back. Returns pages inflated.
+        With range ballooning: up to RANGES_PER_BUFFER ranges, whole 2 MiB
+        blocks first, then 4 KiB pages (fill_ranges)."""
+        if self.range_inflate_vq is not None:
+            return await self.fill_ranges(num)
         num = min(num, VIRTIO_BALLOON_ARRAY_PFNS_MAX, len(self._free_stack))
         if num <= 0:
             await trio.sleep(OUT_OF_PUFF_SLEEP)
@@ -382,7 +402,10 @@ class BalloonDriver:
     async def leak_balloon(self, num: int) -> int:
         """Take up to 256 pages out of the balloon (newest first), tell the
         host through the deflate queue, then use them again (their canary is
-        rewritten). Returns pages deflated."""
+        rewritten). Returns pages deflated.  With range ballooning: lowest
+        order first (leak_ranges)."""
+        if self.range_deflate_vq is not None and not self._balloon_stack:
+            return await self.leak_ranges(num)
         num = min(num, VIRTIO_BALLOON_ARRAY_PFNS_MAX, len(self._balloon_stack))
         if num <= 0:
             return 0
@@ -403,6 +426,116 @@ class BalloonDriver:
             self._free_stack.extend(pfns)
         self._signal_progress()
         return num
+
+    # -- range ballooning (protocol/range-balloon.md) ---------------------------
+
+    def _take_free_blocks(self, count: int) -> list[int]:
+        """Up to ``count`` free naturally aligned 2 MiB blocks, highest first,
+        taken out of the free pages."""
+        blocks = [first for first, _ in reversed(self.free_blocks(RANGE_BLOCK_PAGES))][:count]
+        if blocks:
+            taken = bytearray(self.ram.num_pages)
+            for first in blocks:
+                taken[first : first + RANGE_BLOCK_PAGES] = b"\x01" * RANGE_BLOCK_PAGES
+            self._free_stack = array("I", (pfn for pfn in self._free_stack if not taken[pfn]))
+        return blocks
+
+    async def fill_ranges(self, num: int) -> int:
+        """Inflate by ranges, highest order first: whole free 2 MiB blocks
+        while at least one fits in ``num``, then 4 KiB pages; one buffer of
+        up to RANGES_PER_BUFFER ranges.  Returns pages inflated."""
+        limit = min(RANGES_PER_BUFFER, self.range_inflate_vq.num)
+        blocks = self._take_free_blocks(min(num // RANGE_BLOCK_PAGES, limit))
+        pages_left = num - len(blocks) * RANGE_BLOCK_PAGES
+        singles = array("I")
+        count = min(pages_left, limit - len(blocks), len(self._free_stack))
+        if count > 0:
+            singles = self._free_stack[-count:]
+            del self._free_stack[-count:]
+        ranges = [(first, RANGE_BLOCK_PAGES) for first in blocks] + [(pfn, 1) for pfn in singles]
+        if not ranges:
+            await trio.sleep(OUT_OF_PUFF_SLEEP)
+            return 0
+        async with self._balloon_lock:
+            pages = 0
+            for first, count in ranges:
+                self.balloon_bitmap[first : first + count] = b"\x01" * count
+                if self.touch_on_inflate:
+                    self.ram.clear_canary(range(first, first + count))
+                pages += count
+            self.range_blocks[9].extend(blocks)
+            self.range_blocks[0].extend(singles)
+            self.actual_pages += pages
+            rtt = await self._send_ranges(self.range_inflate_vq, ranges)
+            self.inflate_rtt_ns.append(rtt)
+            self.range_buffers += 1
+        self._signal_progress()
+        return pages
+
+    async def leak_ranges(self, num: int) -> int:
+        """Deflate by ranges, lowest order first: 4 KiB pages, then 2 MiB
+        blocks, the last one split when less than all of it must go back (its
+        other pages stay in the balloon as 4 KiB pages).  Returns pages deflated."""
+        limit = min(RANGES_PER_BUFFER, self.range_deflate_vq.num)
+        ranges: list[tuple[int, int]] = []
+        want = num
+        singles = self.range_blocks[0]
+        while want > 0 and singles and len(ranges) < limit:
+            ranges.append((singles.pop(), 1))
+            want -= 1
+        blocks = self.range_blocks[9]
+        while want > 0 and blocks and len(ranges) < limit:
+            first = blocks.pop()
+            if want >= RANGE_BLOCK_PAGES:
+                ranges.append((first, RANGE_BLOCK_PAGES))
+                want -= RANGE_BLOCK_PAGES
+            else:  # split: give back the top of the block, keep the rest as 4 KiB pages
+                keep = RANGE_BLOCK_PAGES - want
+                ranges.append((first + keep, want))
+                singles.extend(range(first + keep - 1, first - 1, -1))
+                want = 0
+        if not ranges:
+            return 0
+        async with self._balloon_lock:
+            pages = sum(count for _, count in ranges)
+            self.actual_pages -= pages
+            rtt = await self._send_ranges(self.range_deflate_vq, ranges)
+            self.deflate_rtt_ns.append(rtt)
+            self.range_buffers += 1
+            for first, count in ranges:  # the guest's again only now (MUST_TELL_HOST)
+                self.balloon_bitmap[first : first + count] = bytes(count)
+                pfns = array("I", range(first, first + count))
+                self.ram.touch(pfns)
+                self._free_stack.extend(pfns)
+        self._signal_progress()
+        return pages
+
+    async def send_ranges(self, role: QueueRole | str, ranges: Sequence[tuple[int, int]], *,
+                          wait: bool = True) -> int | None:
+        """Send ``(gpa, length)`` byte ranges as one buffer on a range queue
+        exactly as given (unaligned, empty, outside, wrapping, overlapping,
+        already ballooned...): the hostile-guest hook; the balloon's
+        accounting is not touched.  Returns the used length if waited."""
+        vq = self.queue(role)
+        async with self._queue_locks[vq.index]:
+            head = vq.add_buffer(list(ranges))
+            self._kick(vq)
+            if not wait:
+                return None
+            _, written = await self._wait_used(vq, head, f"raw range buffer of {len(ranges)} ranges")
+            return written
+
+    async def _send_ranges(self, vq: DriverVirtqueue, ranges: Sequence[tuple[int, int]]) -> int:
+        """One buffer of device-readable descriptors, each one range
+        (first PFN, pages), kick, wait for it. Returns ns."""
+        segments = [(first << PAGE_SHIFT, count << PAGE_SHIFT) for first, count in ranges]
+        async with self._queue_locks[vq.index]:
+            head = vq.add_buffer(segments)
+            start = time.perf_counter_ns()
+            self._kick(vq)
+            what = "range-inflate" if vq is self.range_inflate_vq else "range-deflate"
+            await self._wait_used(vq, head, f"{what} buffer of {len(ranges)} ranges")
+            return time.perf_counter_ns() - start
 
     async def wait_for_target(self, num_pages: int | None = None, *, timeout: float = 60.0) -> int:
         """Wait until the driver is idle with ``actual == target`` (or, given
@@ -427,8 +560,13 @@ class BalloonDriver:
 
     @property
     def balloon_pfns(self) -> array:
-        """A copy of the PFNs in the balloon, in inflate order."""
-        return array("I", self._balloon_stack)
+        """A copy of the PFNs in the balloon, in inflate order (PFN-ballooned
+        pages, then range-ballooned ones by order)."""
+        pfns = array("I", self._balloon_stack)
+        for order, firsts in sorted(self.range_blocks.items()):
+            for first in firsts:
+                pfns.extend(range(first, first + (1 << order)))
+        return pfns
 
     @property
     def free_pages(self) -> int:

@@ -20,6 +20,8 @@ VIRTIO_BALLOON_F_DEFLATE_ON_OOM = 1 << 2  # virtio 5.5.3: deflate when the guest
 VIRTIO_BALLOON_F_FREE_PAGE_HINT = 1 << 3  # virtio 5.5.3: free page hinting virtqueue
 VIRTIO_BALLOON_F_PAGE_POISON = 1 << 4  # virtio 5.5.3: guest poisons free pages; poison_val valid
 VIRTIO_BALLOON_F_REPORTING = 1 << 5  # virtio 5.5.3 (F_PAGE_REPORTING): free page reporting virtqueue
+# protocol/range-balloon.md (this project's extension): range-inflate and range-deflate queues.
+VIRTIO_BALLOON_F_RANGES = 1 << 60
 VIRTIO_RING_F_INDIRECT_DESC = 1 << 28  # virtio 6 "Reserved Feature Bits": VIRTIO_F_INDIRECT_DESC
 VIRTIO_RING_F_EVENT_IDX = 1 << 29  # virtio 6: VIRTIO_F_EVENT_IDX
 VIRTIO_F_VERSION_1 = 1 << 32  # virtio 6: VIRTIO_F_VERSION_1 (QEMU's vhost-user test device is modern-only)
@@ -37,6 +39,8 @@ class QueueRole(enum.Enum):
     STATS = "stats"
     FREE_PAGE_HINT = "free-page-hint"
     REPORTING = "reporting"
+    RANGE_INFLATE = "range-inflate"  # protocol/range-balloon.md
+    RANGE_DEFLATE = "range-deflate"
 
 
 # virtio 5.5.2 lists the queues in this order, each optional one "only if"
@@ -45,6 +49,9 @@ _OPTIONAL_QUEUES = (
     (VIRTIO_BALLOON_F_STATS_VQ, QueueRole.STATS),
     (VIRTIO_BALLOON_F_FREE_PAGE_HINT, QueueRole.FREE_PAGE_HINT),
     (VIRTIO_BALLOON_F_REPORTING, QueueRole.REPORTING),
+    # protocol/range-balloon.md "Virtqueues": after the spec's, packed the same way.
+    (VIRTIO_BALLOON_F_RANGES, QueueRole.RANGE_INFLATE),
+    (VIRTIO_BALLOON_F_RANGES, QueueRole.RANGE_DEFLATE),
 )
 
 
@@ -65,6 +72,7 @@ def queue_roles(features: int) -> list[QueueRole]:
 
 VIRTIO_BALLOON_ARRAY_PFNS_MAX = 256  # virtio_balloon.c: PFNs per inflate/deflate buffer
 PAGE_REPORTING_CAPACITY = 32  # mm/page_reporting.h: ranges per reporting buffer
+RANGE_BLOCK_PAGES = 512  # protocol/range-balloon.md: the range driver's highest order, 2 MiB (order 9)
 VIRTIO_BALLOON_OOM_NR_PAGES = 256  # virtio_balloon.c: pages leaked per OOM notification
 
 # -- config space (virtio 5.5.4: struct virtio_balloon_config, all le32) -------------
