@@ -11,6 +11,7 @@ does not offer, or the test turns off, range ballooning).
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from vhostballoon.testing.qemu import (
     QemuGuest,
     balloon_builtin_args,
     balloon_guest,
+    balloon_vhost_user_args,
     build_guest_module,
     guest_initrd_with_modules,
 )
@@ -103,6 +105,18 @@ async def orders(guest: QemuGuest) -> dict[str, str]:
     return out
 
 
+async def balloon_and_time(backend, target: int) -> tuple[dict, float]:
+    """Set the target; poll query-balloon until ``actual`` is there."""
+    start = time.monotonic()
+    await backend.execute("balloon", value=target)
+    with trio.fail_after(90):
+        while True:
+            info = await backend.query()
+            if info["actual"] == target:
+                return info, time.monotonic() - start
+            await trio.sleep(0.05)
+
+
 async def wait_guest_pages(guest: QemuGuest, pages: int, timeout: float) -> dict[str, int]:
     """Poll the guest's vmstat until its balloon holds ``pages``."""
     vm: dict[str, int] = {}
@@ -115,18 +129,22 @@ async def wait_guest_pages(guest: QemuGuest, pages: int, timeout: float) -> dict
     raise AssertionError(f"guest balloon never held {pages} pages in {timeout} s: {vm}")
 
 
-async def test_module_binds_and_balloons_1g_to_512m_and_back_by_pfn(tmp_path, backend_factory, initrd_61):
-    backend = backend_factory("vb", PFN_ONLY, "--stats-interval", "1")
-    async with balloon_guest(tmp_path, backend.socket_path, initrd=initrd_61, append=LOAD_MODULE) as guest:
+@pytest.mark.parametrize("path", ["pfn", "ranges"])
+async def test_module_binds_and_balloons_1g_to_512m_and_back(tmp_path, backend_factory, initrd_61, path):
+    if path == "ranges" and not BACKEND_HAS_RANGES:
+        pytest.skip("this back-end does not offer range ballooning")
+    features = PFN_ONLY if path == "pfn" else "--features=-reporting"
+    backend = backend_factory("vb", features, "--stats-interval", "1")
+    async with balloon_guest(tmp_path, backend.socket_path, initrd=initrd_61, append=LOAD_MODULE, num_vqs=NUM_VQS) as guest:
         dev = await balloon_device(guest)
         assert dev["driver"] == MODULE, dev
         assert int(dev["status"], 16) & 0x4, f"DRIVER_OK not set: {dev}"
-        bits = sysfs_bits(dev["features"])
-        assert not bits & (1 << RANGES_BIT)
+        assert bool(sysfs_bits(dev["features"]) & (1 << RANGES_BIT)) == (path == "ranges")
         info = await backend.query()
         for name in ("must_tell_host", "stats_vq", "deflate_on_oom"):
             assert f"balloon:{name}" in info["features"], info["features"]
-        assert info["queues"] == ["inflate", "deflate", "stats"], info["queues"]
+        queues = ["inflate", "deflate", "stats"] + (["range-inflate", "range-deflate"] if path == "ranges" else [])
+        assert info["queues"] == queues
 
         assert (await guest.run("fill 800", timeout=120)).rc == 0
         await guest.run("unfill")
@@ -134,13 +152,12 @@ async def test_module_binds_and_balloons_1g_to_512m_and_back_by_pfn(tmp_path, ba
         host0 = guest.host_allocated()
         assert host0 > 800 * MiB
 
-        start = time.monotonic()
-        await backend.execute("balloon", value=512 * MiB)
-        info = await backend.wait_for(lambda i: i["actual"] == 512 * MiB, 90, "guest at 512 MiB")
-        seconds = time.monotonic() - start
+        info, seconds = await balloon_and_time(backend, 512 * MiB)
         mem1, vm1 = await guest.meminfo(), await guest.vmstat()
         freed = host0 - guest.host_allocated()
-        print(f"\nPFN path, our module: 1 GiB -> 512 MiB in {seconds:.2f} s, host freed {freed / MiB:.1f} MiB")
+        per_order = await orders(guest)
+        print(f"\n{path} path, our module, plain memfd: 1 GiB -> 512 MiB in {seconds:.2f} s, "
+              f"host freed {freed / MiB:.1f} MiB, {per_order['pfn_buffers']} PFN + {per_order['range_buffers']} range buffers")
 
         assert balloon_pages(vm1) - balloon_pages(vm0) == 512 * MiB // PAGE
         # DEFLATE_ON_OOM negotiated: ballooned pages stay in MemTotal, as
@@ -149,10 +166,18 @@ async def test_module_binds_and_balloons_1g_to_512m_and_back_by_pfn(tmp_path, ba
         assert 480 * 1024 <= mem0["MemFree"] - mem1["MemFree"] <= 560 * 1024, (mem0, mem1)
         assert freed >= 480 * MiB, f"host memory dropped only {freed / MiB:.1f} MiB"
         assert info["ballooned-bytes"] == 512 * MiB
-        per_order = await orders(guest)
-        assert per_order["ranges"] == "off"
-        assert per_order["order0"].split()[:2] == ["131072", "131072"], per_order
-        assert per_order["pfn_pages_inflated"] == "131072" and per_order["range_pages_inflated"] == "0"
+        if path == "pfn":
+            assert per_order["ranges"] == "off"
+            assert per_order["order0"].split()[:2] == ["131072", "131072"], per_order
+            assert per_order["pfn_pages_inflated"] == "131072" and per_order["range_pages_inflated"] == "0"
+        else:
+            # A guest that has just freed 800 MiB has it in large blocks:
+            # all of it goes as 2 MiB ranges, 128 to a buffer (the ring).
+            assert per_order["ranges"] == "on"
+            assert per_order["order9"].split()[:2] == ["256", "131072"], per_order
+            assert per_order["range_pages_inflated"] == "131072" and per_order["range_buffers"] == "2"
+            assert info["pages-ballooned-by-range"] == 131072 and info["pages-ballooned-by-pfn"] == 0
+            assert info["ranges-by-order"] == {"9": 256} and info["ranges-refused"] == 0
         # The stats queue works: the back-end has the guest's numbers.
         info = await backend.wait_for(lambda i: "stat-free-memory" in i.get("guest-stats", {}).get("stats", {}), 10, "guest stats")
         assert 0 < info["guest-stats"]["stats"]["stat-free-memory"] < 600 * MiB, info["guest-stats"]
@@ -278,3 +303,147 @@ async def test_module_on_linux_612(tmp_path, backend_factory, initrd_612):
         assert (await guest.run(f"sh rmmod {MODULE}", timeout=60)).rc == 0
         assert balloon_pages(await guest.vmstat()) == 0
         await backend.wait_for(lambda i: i["ballooned-bytes"] == 0, 10, "every page back")
+
+
+# ---- range ballooning on huge-page-backed guest RAM -----------------------------------
+
+needs_ranges = pytest.mark.skipif(not BACKEND_HAS_RANGES, reason="this back-end does not offer range ballooning")
+RAM_NAME = "vbg-guest-ram"
+HUGE = 2 * MiB
+
+
+def host_vmstat(key: str) -> int:
+    with open("/proc/vmstat") as f:
+        return next(int(line.split()[1]) for line in f if line.split()[0] == key)
+
+
+def host_meminfo(key: str) -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.split(":")[0] == key)
+
+
+def shmem_pmd_mapped(pid: int) -> int:
+    """Bytes of our guest-RAM memfd that QEMU maps with PMD-size THPs."""
+    total, current = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if "-" in line.split()[0] and len(line.split()[0]) > 10 and ":" not in line.split()[0]:
+                current = RAM_NAME in line
+            elif current and line.startswith("ShmemPmdMapped:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.fixture
+def thp_guest_ram(shmem_thp_advise):
+    """A 1 GiB memfd for guest RAM, shmem THP on advise (sysfs restored after)."""
+    fd = os.memfd_create(RAM_NAME, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, GiB)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@needs_ranges
+async def test_ranges_free_whole_thps_split_none_and_a_partial_deflate_splits_one_block(
+    tmp_path, backend_factory, initrd_61, thp_guest_ram
+):
+    backend = backend_factory("vb", "--features=-reporting")
+    guest = await QemuGuest.start(
+        tmp_path, balloon_vhost_user_args(backend.socket_path, num_vqs=NUM_VQS),
+        ram_fd=thp_guest_ram, initrd=initrd_61, append=LOAD_MODULE,
+    )
+    try:
+        assert (await guest.run("fill 800", timeout=120)).rc == 0
+        await guest.run("unfill")
+        pmd = shmem_pmd_mapped(guest.process.pid)
+        knob = open("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read().strip()
+        # The knob is machine-wide: a test elsewhere that sets it to never
+        # meanwhile leaves guest RAM partly without THPs (rerun then).
+        assert pmd >= 800 * MiB, (
+            f"guest RAM should be THP-backed after fill 800: ShmemPmdMapped {pmd / MiB:.0f} MiB; shmem_enabled now: {knob}"
+        )
+        host0, splits0 = guest.host_allocated(), host_vmstat("thp_split_page")
+
+        info, seconds = await balloon_and_time(backend, 512 * MiB)
+        await trio.sleep(0.5)
+        info = await backend.query()
+        freed, splits = host0 - guest.host_allocated(), host_vmstat("thp_split_page") - splits0
+        print(f"\nranges, THP-backed RAM: 1 GiB -> 512 MiB in {seconds:.2f} s; host freed {freed / MiB:.1f} MiB, "
+              f"{info['huge-pages-freed-whole']} huge pages whole, thp_split_page +{splits} "
+              f"(shmem_enabled may be changed by others: rerun if this fails on splits)")
+        assert info["pages-ballooned-by-range"] == 512 * MiB // PAGE and info["ranges-by-order"] == {"9": 256}
+        assert splits == 0 and info["thp-splits"] == 0
+        assert info["huge-pages-freed-whole"] >= 250
+        assert freed >= 500 * MiB
+
+        # Three pages back: less than a block, so exactly one 2 MiB block is
+        # split; its first 3 pages go as one range and the rest stays, as
+        # aligned blocks of orders 0 and 2..8.
+        await backend.execute("balloon", value=512 * MiB + 3 * PAGE)
+        info = await backend.wait_for(lambda i: i["actual"] == 512 * MiB + 3 * PAGE, 30, "3 pages back")
+        per_order = await orders(guest)
+        assert per_order["splits"] == "1"
+        assert per_order["order9"].split()[0] == "255"
+        assert per_order["order0"].split()[0] == "1" and per_order["order1"].split()[0] == "0"
+        assert all(per_order[f"order{o}"].split()[0] == "1" for o in range(2, 9)), per_order
+        assert info["pages-deflated-by-range"] == 3
+        assert balloon_pages(await guest.vmstat()) == 512 * MiB // PAGE - 3
+
+        # And all back, lowest order first (the order-0 page by PFN).
+        await backend.execute("balloon", value=GiB)
+        info = await backend.wait_for(lambda i: i["actual"] == GiB, 60, "all back")
+        assert info["ballooned-bytes"] == 0 and balloon_pages(await guest.vmstat()) == 0
+    finally:
+        await guest.kill()
+
+
+HUGETLB_PAGES = 512 + 8  # 1 GiB of guest RAM and a little room
+
+
+@pytest.fixture
+def hugetlb_pages():
+    """HUGETLB_PAGES more persistent 2 MiB huge pages, given back after."""
+    path = "/proc/sys/vm/nr_hugepages"
+    if host_meminfo("Hugepagesize") != HUGE // 1024:
+        pytest.skip(f"the default huge page size here is not 2 MiB: {host_meminfo('Hugepagesize')} kB")
+    with open(path) as f:
+        old = int(f.read())
+    try:
+        try:
+            with open(path, "w") as f:
+                f.write(str(old + HUGETLB_PAGES))
+        except OSError as exc:
+            pytest.skip(f"cannot reserve huge pages: writing {path}: {exc.strerror}")
+        if host_meminfo("HugePages_Free") < HUGETLB_PAGES:
+            pytest.skip(f"cannot reserve {HUGETLB_PAGES} huge pages: HugePages_Free {host_meminfo('HugePages_Free')}")
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(str(old))
+
+
+@needs_ranges
+async def test_ranges_give_hugetlbfs_huge_pages_back(tmp_path, backend_factory, initrd_61, hugetlb_pages):
+    backend = backend_factory("vb", "--features=-reporting")
+    guest = await QemuGuest.start(
+        tmp_path, balloon_vhost_user_args(backend.socket_path, num_vqs=NUM_VQS),
+        ram_options="hugetlb=on,hugetlbsize=2M", initrd=initrd_61, append=LOAD_MODULE,
+    )
+    try:
+        assert (await guest.run("fill 800", timeout=120)).rc == 0
+        await guest.run("unfill")
+        free0 = host_meminfo("HugePages_Free")
+        info, seconds = await balloon_and_time(backend, 512 * MiB)
+        with trio.move_on_after(10):
+            while host_meminfo("HugePages_Free") - free0 < 250:
+                await trio.sleep(0.1)
+        back = host_meminfo("HugePages_Free") - free0
+        info = await backend.query()
+        print(f"\nranges, hugetlbfs RAM: 1 GiB -> 512 MiB in {seconds:.2f} s; {back} huge pages "
+              f"({back * 2} MiB) back in HugePages_Free; freed-hugetlbfs-bytes {info['freed-hugetlbfs-bytes'] / MiB:.0f} MiB")
+        assert info["pages-ballooned-by-range"] == 512 * MiB // PAGE
+        assert back * HUGE >= 500 * MiB
+    finally:
+        await guest.kill()

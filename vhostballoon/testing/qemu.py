@@ -214,6 +214,7 @@ class QemuGuest:
         qemu_bin: Path | str | None = None,
         kernel: Path | str | None = None,
         initrd: Path | str | None = None,
+        ram_options: str = "",
     ) -> "QemuGuest":
         """Start QEMU; by default wait until the guest is ready for commands.
 
@@ -236,10 +237,14 @@ class QemuGuest:
         an initramfs that carries a guest module (:func:`guest_initrd_with_modules`;
         pick the driver with ``append="vb.balloon=NAME"``) or the rig's
         Linux 6.12 guest.
+
+        ``ram_options``: more properties of QEMU's own memfd backend, e.g.
+        ``hugetlb=on,hugetlbsize=2M`` for hugetlbfs guest RAM (reserve
+        ``nr_hugepages`` first).
         """
         workdir = Path(workdir)
         if ram_fd is None:
-            ram_backend = f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on"
+            ram_backend = f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on" + (f",{ram_options}" if ram_options else "")
         else:
             ram_backend = (
                 f"memory-backend-file,id=mem,mem-path=/proc/self/fd/{ram_fd},share=on,"
