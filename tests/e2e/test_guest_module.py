@@ -301,6 +301,9 @@ async def test_module_on_linux_612(tmp_path, backend_factory, initrd_612):
         info = await backend.wait_for(lambda i: i["actual"] == 512 * MiB, 90, "6.12 guest at 512 MiB")
         assert balloon_pages(await guest.vmstat()) == 512 * MiB // PAGE
         assert info["ballooned-bytes"] == 512 * MiB
+        if BACKEND_HAS_RANGES:
+            assert (await orders(guest))["ranges"] == "on"
+            assert info["pages-ballooned-by-range"] >= 500 * MiB // PAGE, info
         # 6.12's extra statistics arrive (allocation stalls, scans, reclaims).
         info = await backend.wait_for(lambda i: "stat-alloc-stalls" in i.get("guest-stats", {}).get("stats", {}), 15, "6.12 stats")
         assert (await guest.run(f"sh rmmod {MODULE}", timeout=60)).rc == 0
