@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 from contextlib import asynccontextmanager
@@ -27,8 +28,10 @@ import trio
 
 E2E_DIR = Path(os.environ.get("VB_E2E_DIR", "/opt/vb-e2e"))
 QEMU_BIN = E2E_DIR / "qemu" / "bin" / "qemu-system-x86_64"
-GUEST_KERNEL = E2E_DIR / "guest" / "vmlinuz"
-GUEST_INITRD = E2E_DIR / "guest" / "initramfs.gz"
+GUEST_DIR = E2E_DIR / "guest"  # Debian 12's 6.1 kernel
+GUEST_612_DIR = E2E_DIR / "guest-6.12"  # Debian 12's 6.12 kernel, when the rig built it
+GUEST_KERNEL = GUEST_DIR / "vmlinuz"
+GUEST_INITRD = GUEST_DIR / "initramfs.gz"
 BOOT_TIMEOUT = 90.0  # TCG boot takes ~9 s here; leave room for a loaded machine
 MARK = "@@VB"
 
@@ -67,6 +70,35 @@ def build_patched_qemu(patches: list[Path], build_script: Path) -> tuple[Path | 
     if not os.access(qemu, os.X_OK):
         return None, f"{build_script} printed QEMU_PREFIX={prefix} but {qemu} is not executable"
     return qemu, ""
+
+
+def build_guest_module(source: Path, guest_dir: Path, out_dir: Path) -> tuple[Path | None, str]:
+    """Build the kernel module in ``source`` (a directory with a kbuild
+    Makefile taking ``KDIR``) for the rig's guest in ``guest_dir`` (its
+    ``build`` link to the guest kernel's headers), in a copy under
+    ``out_dir``; returns (the .ko, "") or (None, why not)."""
+    kdir = guest_dir / "build"
+    if not (kdir / "Makefile").exists():
+        return None, f"no guest kernel headers at {kdir} (run the rig's build-guest.sh)"
+    copy = out_dir / source.name
+    shutil.copytree(source, copy, ignore=shutil.ignore_patterns("*.o", "*.ko", "*.mod*", ".*.cmd", "Module.symvers", "modules.order"))
+    result = subprocess.run(
+        ["make", "-C", str(copy), f"KDIR={kdir}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    kos = sorted(copy.glob("*.ko"))
+    if result.returncode != 0 or len(kos) != 1:
+        return None, f"make -C {copy} KDIR={kdir} failed (rc {result.returncode}): " + " | ".join(result.stdout.splitlines()[-10:])
+    return kos[0], ""
+
+
+def guest_initrd_with_modules(out: Path, modules: list[Path], guest_dir: Path, rig_script: Path) -> Path:
+    """The guest's initramfs plus ``modules`` (the rig's add-guest-modules.sh);
+    boot it with ``append="vb.balloon=NAME"`` to load NAME.ko as the balloon."""
+    subprocess.run(
+        ["bash", str(rig_script), str(out), *map(str, modules)], env={**os.environ, "GUEST": str(guest_dir)},
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    return out
 
 
 class GuestError(Exception):
@@ -180,6 +212,9 @@ class QemuGuest:
         ram_fd: int | None = None,
         ram_align: str = "2M",
         qemu_bin: Path | str | None = None,
+        kernel: Path | str | None = None,
+        initrd: Path | str | None = None,
+        ram_options: str = "",
     ) -> "QemuGuest":
         """Start QEMU; by default wait until the guest is ready for commands.
 
@@ -197,10 +232,19 @@ class QemuGuest:
 
         ``qemu_bin``: another ``qemu-system-x86_64`` than the stock one, e.g.
         a patched build (:func:`build_patched_qemu`).
+
+        ``kernel``/``initrd``: another guest than the rig's default one, e.g.
+        an initramfs that carries a guest module (:func:`guest_initrd_with_modules`;
+        pick the driver with ``append="vb.balloon=NAME"``) or the rig's
+        Linux 6.12 guest.
+
+        ``ram_options``: more properties of QEMU's own memfd backend, e.g.
+        ``hugetlb=on,hugetlbsize=2M`` for hugetlbfs guest RAM (reserve
+        ``nr_hugepages`` first).
         """
         workdir = Path(workdir)
         if ram_fd is None:
-            ram_backend = f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on"
+            ram_backend = f"memory-backend-memfd,id=mem,size={memory_mib}M,share=on" + (f",{ram_options}" if ram_options else "")
         else:
             ram_backend = (
                 f"memory-backend-file,id=mem,mem-path=/proc/self/fd/{ram_fd},share=on,"
@@ -212,7 +256,7 @@ class QemuGuest:
             "-object", ram_backend,
             "-machine", "q35,memory-backend=mem",
             "-nodefaults", "-nographic", "-serial", "stdio",
-            "-kernel", str(GUEST_KERNEL), "-initrd", str(GUEST_INITRD),
+            "-kernel", str(kernel or GUEST_KERNEL), "-initrd", str(initrd or GUEST_INITRD),
             "-append", f"console=ttyS0 quiet {append}".strip(),
         ]
         if qmp:
@@ -404,12 +448,14 @@ class QemuGuest:
 
 
 @asynccontextmanager
-async def balloon_guest(workdir, socket_path: str, name: str = "guest", **start_options):
+async def balloon_guest(workdir, socket_path: str, name: str = "guest", *, num_vqs: int = 5, **start_options):
     """A real guest whose balloon is the back-end on ``socket_path``, in its
-    own ``workdir/name`` directory; QEMU is killed on exit."""
+    own ``workdir/name`` directory; QEMU is killed on exit.  ``num_vqs``:
+    the queues QEMU's generic device gives the guest (7 covers the range
+    queues with every other feature)."""
     d = Path(workdir) / name
     d.mkdir()
-    guest = await QemuGuest.start(d, balloon_vhost_user_args(socket_path), **start_options)
+    guest = await QemuGuest.start(d, balloon_vhost_user_args(socket_path, num_vqs=num_vqs), **start_options)
     try:
         yield guest
     finally:
