@@ -1,34 +1,44 @@
 #!/usr/bin/env python3
-"""Side by side: QEMU's own virtio-balloon and vhostballoon, same guest, same scenario.
+"""Side by side: QEMU's own virtio-balloon, the stock driver on vhostballoon,
+and this project's range driver on vhostballoon; same guest, same scenario.
 
     .venv/bin/python scripts/compare_with_qemu_balloon.py [--runs 3] [--json FILE]
-        [--memory 1024] [--fill 800] [--target 512] [--workdir DIR]
+        [--variants qemu,stock,ranges] [--guest fresh|fragmented]
+        [--backing memfd|thp|hugetlbfs] [--memory 1024] [--fill 800] [--target 512]
 
-Each run boots the test guest (1 GiB, memfd share=on, TCG) twice, one QEMU at
-a time: once with ``-device virtio-balloon-pci`` driven by QMP ``balloon`` /
-``query-balloon``, once with ``vhost-user-test-device-pci`` and the
-vhostballoon daemon (its own process) driven through its control socket.
-Scenario, identical for both:
+Each run boots the test guest (1 GiB, TCG) once per variant, one QEMU at a time:
 
-1. boot; ``fill 800`` then ``unfill`` in the guest, so the host backs ~800 MiB
-   of guest RAM that the guest no longer uses;
-2. record the host's allocated bytes (the memfd's ``st_blocks * 512``);
-3. ``balloon`` to 512 MiB and time from the command until ``actual`` equals
-   the target (polled every 50 ms on one open connection);
-4. host memory freed = allocated before - allocated when the target is
-   reached (and again 1 s later, for anything freed lazily);
-5. ``balloon`` back to 1 GiB and time the deflate the same way.
+- ``qemu``: ``-device virtio-balloon-pci`` with the guest's stock
+  ``virtio_balloon`` driver, driven by QMP ``balloon`` / ``query-balloon``;
+- ``stock`` (also ``vhostballoon``): ``vhost-user-test-device-pci`` and the
+  vhostballoon daemon (its own process), the stock driver;
+- ``ranges``: the same with ``guest/linux/vhostballoon_guest.ko`` (built here
+  against the rig's guest kernel headers, carried in a second initramfs
+  archive), which balloons by address/length ranges, 2 MiB blocks first
+  (``protocol/range-balloon.md``); ``num_vqs=7``.
 
-Free page reporting is off on both devices (QEMU's ``free-page-reporting=off``,
-vhostballoon's ``--features=-reporting``), so the figures compare the balloon
-alone: with reporting on, the unfilled 800 MiB would be given back before
-the balloon starts. The table shows the medians
-of the runs that succeeded; ratio = vhostballoon / qemu. A failed run is
-reported and the next one goes on. Exit status 0 when both columns have at
-least one successful run, 1 otherwise.
+The guest before the balloon: ``fresh`` writes ``--fill`` MiB into a tmpfs and
+removes it (its free memory is in large blocks); ``fragmented`` writes two
+tmpfs files of ``--fill``/2 MiB each, alternately in 4 KiB pieces (busybox
+``awk``), then removes one, so that its free memory is scattered 4 KiB pages.
 
-These are TCG figures on a shared 2-core machine: other QEMUs running at the
-same time slow both columns (the load average is printed with each run).
+Guest RAM (``--backing``): ``memfd`` (QEMU's memory-backend-memfd), ``thp``
+(a memfd created here, shmem THP on ``advise``, mapped 2 MiB-aligned: the
+guest's memory is transparent huge pages), ``hugetlbfs`` (memfd
+``hugetlb=on``; ``nr_hugepages`` reserved for the run and restored).
+
+Per run: inflate time to the target; host memory freed (the memfd's
+allocated blocks) at the target and 1 s later; THP splits on the host
+(``thp_split_page``, machine-wide); huge pages back in ``HugePages_Free``;
+in the guest, ``compact_stall`` during the inflate and its free blocks of
+order 9 and above (``/proc/buddyinfo``) before and after; the deflate time.
+Free page reporting is off on every device, so the figures compare the
+balloon alone.  The table shows medians of the runs that succeeded; ratio =
+variant / qemu.  A failed run is reported and the next one goes on.  Exit 0
+when every variant has at least one successful run.
+
+TCG figures on a shared 2-core machine: other QEMUs running at the same time
+slow every column (the load average is printed with each run).
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -50,17 +61,25 @@ from pathlib import Path
 import trio
 
 from vhostballoon.ctl import ControlClient
+from vhostballoon.testing.host import THP_SYSFS, sysfs_choice, vmstat
 from vhostballoon.testing.qemu import (
+    GUEST_DIR,
     QemuGuest,
     balloon_builtin_args,
     balloon_vhost_user_args,
+    build_guest_module,
+    guest_initrd_with_modules,
     provisioning_problem,
 )
 
+REPO = Path(__file__).resolve().parents[1]
+MODULE = "vhostballoon_guest"
+ADD_MODULES = REPO.parent / "shared" / "e2e" / "add-guest-modules.sh"
+
 MiB = 1 << 20
 POLL = 0.05
-VARIANTS = ("qemu", "vhostballoon")
-TITLES = {"qemu": "qemu virtio-balloon", "vhostballoon": "vhostballoon"}
+VARIANTS = ("qemu", "stock", "ranges")
+TITLES = {"qemu": "qemu virtio-balloon", "stock": "stock driver + vb", "ranges": "range driver + vb"}
 
 # (key, label, unit scale, format, kind): kind "time" gets a ratio.
 FIGURES = [
@@ -68,6 +87,11 @@ FIGURES = [
     ("inflate_s", "inflate {mem}->{target} MiB (s)", 1, "{:.2f}", "time"),
     ("freed_at_target", "host freed at target (MiB)", MiB, "{:.0f}", "size"),
     ("freed_settled", "host freed 1 s later (MiB)", MiB, "{:.0f}", "size"),
+    ("thp_splits", "host THP splits", 1, "{:.0f}", "count"),
+    ("hugepages_back", "huge pages back (HugePages_Free)", 1, "{:.0f}", "count"),
+    ("guest_compact_stall", "guest compact_stall in inflate", 1, "{:.0f}", "count"),
+    ("guest_order9_before", "guest free order>=9 blocks before", 1, "{:.0f}", "count"),
+    ("guest_order9_after", "guest free order>=9 blocks after", 1, "{:.0f}", "count"),
     ("deflate_s", "deflate {target}->{mem} MiB (s)", 1, "{:.2f}", "time"),
 ]
 
@@ -160,15 +184,58 @@ async def wait_actual(balloon, target: int, timeout: float) -> float:
     raise RunFailed(f"actual did not reach {target // MiB} MiB within {timeout:g} s (last: {last})")
 
 
+def fragment_command(total_mib: int) -> str:
+    """Busybox awk writing two tmpfs files alternately, 4 KiB per record, so
+    their pages interleave in the guest's memory."""
+    records = total_mib * 256 // 2
+    return ("sh awk 'BEGIN{s=sprintf(\"%4095s\",\"x\"); for(i=0;i<" + str(records)
+            + ";i++){print s > \"/fill/a\"; print s > \"/fill/b\"}}'")
+
+
+async def guest_figures(guest: QemuGuest) -> tuple[int, int]:
+    """(compact_stall, free blocks of order >= 9) in the guest now."""
+    stall = 0
+    for line in (await guest.run("vmstat")).lines:
+        for name, value in re.findall(r"(compact_stall) (\d+)", line):
+            stall = int(value)
+    blocks = 0
+    for line in (await guest.run("sh cat /proc/buddyinfo")).lines:
+        fields = line.split()
+        if "zone" in fields:
+            counts = [int(x) for x in fields[fields.index("zone") + 2:]]
+            blocks += sum(counts[9:])
+    return stall, blocks
+
+
+def hugepages_free() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("HugePages_Free:"):
+                return int(line.split()[1])
+    return 0
+
+
+async def prepare_guest(guest: QemuGuest, args) -> None:
+    if args.guest == "fresh":
+        result = await guest.run(f"fill {args.fill}", timeout=180)
+        if result.rc != 0:
+            raise RunFailed(f"fill {args.fill} failed in the guest (rc {result.rc}): {result.lines}")
+        await guest.run("unfill", timeout=60)
+    else:
+        result = await guest.run(fragment_command(args.fill), timeout=600)
+        if result.rc != 0:
+            raise RunFailed(f"fragmenting failed in the guest (rc {result.rc}): {result.lines[-5:]}")
+        await guest.run("sh rm -f /fill/a; sync; echo 3 > /proc/sys/vm/drop_caches", timeout=60)
+
+
 async def scenario(guest: QemuGuest, balloon, args) -> dict:
     mem, target = args.memory * MiB, args.target * MiB
-    result = await guest.run(f"fill {args.fill}", timeout=180)
-    if result.rc != 0:
-        raise RunFailed(f"fill {args.fill} failed in the guest (rc {result.rc}): {result.lines}")
-    await guest.run("unfill", timeout=60)
+    await prepare_guest(guest, args)
     await wait_actual(balloon, mem, 30)  # the device is up and the balloon empty
+    stall0, order9_before = await guest_figures(guest)
     before = guest.host_allocated()
     others = other_qemus(guest.process.pid)
+    splits0, huge0 = vmstat("thp_split_page"), hugepages_free()
 
     t0 = time.monotonic()
     await balloon.set_target(target)
@@ -176,6 +243,8 @@ async def scenario(guest: QemuGuest, balloon, args) -> dict:
     at_target = guest.host_allocated()
     await trio.sleep(1.0)
     settled = guest.host_allocated()
+    splits, huge_back = vmstat("thp_split_page") - splits0, hugepages_free() - huge0
+    stall1, order9_after = await guest_figures(guest)
 
     t2 = time.monotonic()
     await balloon.set_target(mem)
@@ -185,6 +254,11 @@ async def scenario(guest: QemuGuest, balloon, args) -> dict:
         "inflate_s": t1 - t0,
         "freed_at_target": before - at_target,
         "freed_settled": before - settled,
+        "thp_splits": splits,
+        "hugepages_back": huge_back,
+        "guest_compact_stall": stall1 - stall0,
+        "guest_order9_before": order9_before,
+        "guest_order9_after": order9_after,
         "deflate_s": t3 - t2,
         "allocated_after_deflate": guest.host_allocated(),
         "other_qemus": max(others, other_qemus(guest.process.pid)),
@@ -192,35 +266,88 @@ async def scenario(guest: QemuGuest, balloon, args) -> dict:
     }
 
 
-async def run_qemu(workdir: Path, args) -> dict:
-    guest = await QemuGuest.start(
-        workdir, balloon_builtin_args(free_page_reporting=False), memory_mib=args.memory
-    )
-    try:
-        async with guest.qmp_session() as session:
-            return await scenario(guest, QmpBalloon(session), args)
-    finally:
-        await guest.kill()
+class Backing:
+    """Guest RAM for one run (--backing): QEMU's memfd, a THP-backed memfd of
+    ours, or hugetlbfs; machine settings changed for it are restored."""
+
+    def __init__(self, kind: str, memory_mib: int) -> None:
+        self.kind, self.memory_mib = kind, memory_mib
+        self.fd: int | None = None
+        self._restore: list[tuple[str, str]] = []
+
+    def __enter__(self) -> dict:
+        if self.kind == "thp":
+            self._set(os.path.join(THP_SYSFS, "shmem_enabled"), "advise")
+            self.fd = os.memfd_create("vb-compare-ram", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, self.memory_mib * MiB)
+            return {"ram_fd": self.fd}
+        if self.kind == "hugetlbfs":
+            path = "/proc/sys/vm/nr_hugepages"
+            with open(path) as f:
+                have = int(f.read())
+            self._set(path, str(have + self.memory_mib // 2 + 8))
+            return {"ram_options": "hugetlb=on,hugetlbsize=2M"}
+        return {}
+
+    def _set(self, path: str, value: str) -> None:
+        current = sysfs_choice(path) if path.startswith(THP_SYSFS) else open(path).read().strip()
+        self._restore.append((path, current))
+        with open(path, "w") as f:
+            f.write(value)
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+        for path, value in reversed(self._restore):
+            with open(path, "w") as f:
+                f.write(value)
 
 
-async def run_vhostballoon(workdir: Path, args) -> dict:
-    daemon = Daemon(workdir)
-    daemon.start()
-    try:
-        guest = await QemuGuest.start(workdir, balloon_vhost_user_args(daemon.socket_path), memory_mib=args.memory)
-        try:
-            client = ControlClient(daemon.control_path)
+_MODULE_INITRD: Path | None = None
+
+
+def module_initrd(workroot: Path) -> Path:
+    """The guest's initramfs carrying vhostballoon_guest.ko, built once."""
+    global _MODULE_INITRD
+    if _MODULE_INITRD is None:
+        out = workroot / "module"
+        out.mkdir(exist_ok=True)
+        ko, why = build_guest_module(REPO / "guest" / "linux", GUEST_DIR, out)
+        if ko is None:
+            raise RunFailed(f"cannot build {MODULE}.ko: {why}")
+        _MODULE_INITRD = guest_initrd_with_modules(out / "initramfs.gz", [ko], GUEST_DIR, ADD_MODULES)
+    return _MODULE_INITRD
+
+
+async def run_variant(variant: str, workdir: Path, args) -> dict:
+    with Backing(args.backing, args.memory) as ram:
+        if variant == "qemu":
+            guest = await QemuGuest.start(workdir, balloon_builtin_args(free_page_reporting=False),
+                                          memory_mib=args.memory, **ram)
             try:
-                return await scenario(guest, ControlBalloon(client), args)
+                async with guest.qmp_session() as session:
+                    return await scenario(guest, QmpBalloon(session), args)
             finally:
-                client.close()
+                await guest.kill()
+        daemon = Daemon(workdir)
+        daemon.start()
+        try:
+            if variant == "ranges":
+                options = dict(initrd=module_initrd(workdir.parent), append=f"vb.balloon={MODULE}")
+                device = balloon_vhost_user_args(daemon.socket_path, num_vqs=7)
+            else:
+                options, device = {}, balloon_vhost_user_args(daemon.socket_path)
+            guest = await QemuGuest.start(workdir, device, memory_mib=args.memory, **ram, **options)
+            try:
+                client = ControlClient(daemon.control_path)
+                try:
+                    return await scenario(guest, ControlBalloon(client), args)
+                finally:
+                    client.close()
+            finally:
+                await guest.kill()
         finally:
-            await guest.kill()
-    finally:
-        daemon.stop()
-
-
-RUNNERS = {"qemu": run_qemu, "vhostballoon": run_vhostballoon}
+            daemon.stop()
 
 
 def other_qemus(own: int) -> int:
@@ -254,32 +381,38 @@ def medians(runs: list[dict], variant: str) -> dict:
 
 
 def print_table(runs: list[dict], args) -> None:
-    med = {v: medians(runs, v) for v in VARIANTS}
-    counts = {v: sum("error" not in r[v] for r in runs) for v in VARIANTS}
-    label_w = 34
-    heads = [f"{TITLES[v]} (n={counts[v]})" for v in VARIANTS]
+    variants = args.variants
+    med = {v: medians(runs, v) for v in variants}
+    counts = {v: sum("error" not in r[v] for r in runs) for v in variants}
+    label_w = 36
+    heads = [f"{TITLES[v]} (n={counts[v]})" for v in variants]
+    widths = [max(len(h), 10) for h in heads]
+    others = [v for v in variants if v != "qemu"]
     print()
-    print(f"Medians of {len(runs)} run(s); {args.memory} MiB guest, fill {args.fill} MiB, target {args.target} MiB")
-    print(f"{'':<{label_w}}  {heads[0]:>26}  {heads[1]:>22}  {'ratio vb/qemu':>13}")
-    for key, label, scale, _form, kind in FIGURES:
-        q, v = med["qemu"].get(key), med["vhostballoon"].get(key)
-        ratio = "-"
-        if q is not None and v is not None and q:
-            ratio = f"{v / q:.2f}"
+    print(f"Medians of {len(runs)} run(s); {args.memory} MiB guest ({args.guest}, fill {args.fill} MiB, "
+          f"RAM {args.backing}), target {args.target} MiB")
+    ratio_heads = [f"{v}/qemu" for v in others] if "qemu" in variants else []
+    print(f"{'':<{label_w}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, widths))
+          + "".join(f"  {h:>12}" for h in ratio_heads))
+    for key, label, _scale, _form, kind in FIGURES:
         name = label.format(mem=args.memory, target=args.target)
-        print(f"{name:<{label_w}}  {fmt(key, q):>26}  {fmt(key, v):>22}  {ratio:>13}")
+        cells = [fmt(key, med[v].get(key)) for v in variants]
+        ratios = []
+        for v in others if ratio_heads else ():
+            q, x = med["qemu"].get(key), med[v].get(key)
+            ratios.append(f"{x / q:.2f}" if kind == "time" and q and x is not None else "-")
+        print(f"{name:<{label_w}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths))
+              + "".join(f"  {r:>12}" for r in ratios))
     print()
     print("Each run:")
     for i, run in enumerate(runs, 1):
-        for variant in VARIANTS:
+        for variant in variants:
             r = run[variant]
             head = f"  run {i} {TITLES[variant]:<20}"
             if "error" in r:
                 print(f"{head} FAILED: {r['error']}")
                 continue
-            figures = "  ".join(
-                f"{key}={fmt(key, r[key])}" for key, *_ in FIGURES
-            )
+            figures = "  ".join(f"{key}={fmt(key, r[key])}" for key, *_ in FIGURES)
             print(f"{head} {figures}  (load {r['load']:.2f}, other QEMUs {r['other_qemus']})")
 
 
@@ -289,14 +422,14 @@ async def main_async(args) -> int:
     runs: list[dict] = []
     for i in range(1, args.runs + 1):
         run: dict = {}
-        for variant in VARIANTS:
+        for variant in args.variants:
             workdir = workroot / f"run{i}-{variant}"
             workdir.mkdir(exist_ok=True)
             print(f"run {i}/{args.runs}: {TITLES[variant]} ...", end=" ", flush=True)
             started = time.monotonic()
             try:
                 with trio.fail_after(args.timeout * 2 + 300):
-                    figures = await RUNNERS[variant](workdir, args)
+                    figures = await run_variant(variant, workdir, args)
                 print(
                     f"inflate {figures['inflate_s']:.2f} s, freed {figures['freed_at_target'] / MiB:.0f} MiB, "
                     f"deflate {figures['deflate_s']:.2f} s ({time.monotonic() - started:.0f} s)"
@@ -310,16 +443,16 @@ async def main_async(args) -> int:
         runs.append(run)
 
     print_table(runs, args)
-    both = all(any("error" not in r[v] for r in runs) for v in VARIANTS)
-    failed = sum("error" in r[v] for r in runs for v in VARIANTS)
+    both = all(any("error" not in r[v] for r in runs) for v in args.variants)
+    failed = sum("error" in r[v] for r in runs for v in args.variants)
     if failed:
-        print(f"\n{failed} of {2 * len(runs)} scenario runs FAILED (see above); medians use the others.")
+        print(f"\n{failed} of {len(args.variants) * len(runs)} scenario runs FAILED (see above); medians use the others.")
     if not both:
         print("\nNo comparison: one of the columns has no successful run.")
     if args.json:
         out = {
-            "params": {k: getattr(args, k) for k in ("runs", "memory", "fill", "target")},
-            "medians": {v: medians(runs, v) for v in VARIANTS},
+            "params": {k: getattr(args, k) for k in ("runs", "memory", "fill", "target", "guest", "backing", "variants")},
+            "medians": {v: medians(runs, v) for v in args.variants},
             "runs": runs,
             "workdir": str(workroot) if failed or args.workdir else None,
         }
@@ -335,6 +468,12 @@ async def main_async(args) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma list of qemu, stock (alias vhostballoon), ranges (default: all three)")
+    parser.add_argument("--guest", choices=("fresh", "fragmented"), default="fresh",
+                        help="the guest's free memory before the balloon: in large blocks, or scattered (default fresh)")
+    parser.add_argument("--backing", choices=("memfd", "thp", "hugetlbfs"), default="memfd",
+                        help="guest RAM: QEMU's memfd, a THP-backed memfd, or hugetlbfs (default memfd)")
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--memory", type=int, default=1024, help="guest RAM in MiB (default 1024)")
     parser.add_argument("--fill", type=int, default=800, help="MiB the guest writes then frees first (default 800)")
@@ -343,6 +482,11 @@ def main() -> int:
     parser.add_argument("--workdir", help="where logs and consoles go (default: a new temporary directory)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failed runs")
     args = parser.parse_args()
+    aliases = {"vhostballoon": "stock"}
+    args.variants = [aliases.get(v.strip(), v.strip()) for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or not args.variants:
+        parser.error(f"--variants {unknown or 'empty'}: choose from {', '.join(VARIANTS)}")
     problem = provisioning_problem()
     if problem:
         print(f"cannot run: {problem}", file=sys.stderr)

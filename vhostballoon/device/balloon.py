@@ -46,7 +46,7 @@ def plain_actual_step(old_actual: int, new_actual: int, num_pages: int) -> bool:
     """A guest write of actual that changes nothing but actual: not at the
     target, and no deflate-on-OOM.  The session replays such writes by
     setting actual alone."""
-    return not at_target(num_pages, new_actual) and not pages_deflated_unasked(old_actual, new_actual, num_pages)
+    return not pages_deflated_unasked(old_actual, new_actual, num_pages) and not at_target(num_pages, new_actual)
 
 
 class FeatureError(ValueError):

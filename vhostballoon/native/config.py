@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .._native import ffi, lib
 
@@ -24,9 +26,9 @@ class ConfigValues:
     poison_val: int
 
 
-@dataclass(frozen=True)
-class ConfigWrite:
-    """One logged change of actual, with num_pages of that moment."""
+class ConfigWrite(NamedTuple):
+    """One logged change of actual, with num_pages of that moment (a tuple:
+    a GiB ballooned logs 512 of them)."""
 
     old_actual: int
     new_actual: int
@@ -93,6 +95,8 @@ class ConfigMailbox:
         log = self._log
         while True:
             n = lib.vb_config_take_writes(self._config, log, _CONFIG_LOG_BATCH)
-            out.extend(ConfigWrite(log[i].old_actual, log[i].new_actual, log[i].num_pages) for i in range(n))
+            words = array("I")  # three u32 per write
+            words.frombytes(ffi.buffer(log, n * ffi.sizeof("vb_config_write")))
+            out.extend(map(ConfigWrite._make, zip(words[0::3], words[1::3], words[2::3])))
             if n < _CONFIG_LOG_BATCH:
                 return out
