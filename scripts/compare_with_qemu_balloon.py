@@ -84,6 +84,7 @@ TITLES = {"qemu": "qemu virtio-balloon", "stock": "stock driver + vb", "ranges":
 # (key, label, unit scale, format, kind): kind "time" gets a ratio.
 FIGURES = [
     ("allocated_before", "host allocated before (MiB)", MiB, "{:.0f}", "size"),
+    ("thp_backed_before", "of which THP-mapped (MiB)", MiB, "{:.0f}", "size"),
     ("inflate_s", "inflate {mem}->{target} MiB (s)", 1, "{:.2f}", "time"),
     ("freed_at_target", "host freed at target (MiB)", MiB, "{:.0f}", "size"),
     ("freed_settled", "host freed 1 s later (MiB)", MiB, "{:.0f}", "size"),
@@ -207,6 +208,21 @@ async def guest_figures(guest: QemuGuest) -> tuple[int, int]:
     return stall, blocks
 
 
+def pmd_mapped(pid: int) -> int:
+    """ShmemPmdMapped bytes of QEMU's mappings of guest RAM (THP in use)."""
+    total, current = 0, False
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                    current = "vb-compare-ram" in line or "memfd:mem" in line
+                elif current and line.startswith("ShmemPmdMapped:"):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return total
+
+
 def hugepages_free() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -234,6 +250,11 @@ async def scenario(guest: QemuGuest, balloon, args) -> dict:
     await wait_actual(balloon, mem, 30)  # the device is up and the balloon empty
     stall0, order9_before = await guest_figures(guest)
     before = guest.host_allocated()
+    thp_backed = pmd_mapped(guest.process.pid)
+    if args.backing == "thp" and thp_backed < before // 2:
+        raise RunFailed(f"guest RAM should be THP-backed but only {thp_backed // MiB} MiB are PMD-mapped "
+                        f"(shmem_enabled: {sysfs_choice(os.path.join(THP_SYSFS, 'shmem_enabled'))}; "
+                        "another process changed it?)")
     others = other_qemus(guest.process.pid)
     splits0, huge0 = vmstat("thp_split_page"), hugepages_free()
 
@@ -251,6 +272,7 @@ async def scenario(guest: QemuGuest, balloon, args) -> dict:
     t3 = await wait_actual(balloon, mem, args.timeout)
     return {
         "allocated_before": before,
+        "thp_backed_before": thp_backed,
         "inflate_s": t1 - t0,
         "freed_at_target": before - at_target,
         "freed_settled": before - settled,
