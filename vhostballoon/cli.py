@@ -117,7 +117,8 @@ def _daemon_parser() -> argparse.ArgumentParser:
         "--sandbox",
         action="store_true",
         help="once the sockets are bound, allow only the system calls the back-end needs (seccomp); "
-        "any other kills the process. Needs pyseccomp: pip install 'vhostballoon[sandbox]'",
+        "any other kills the process. Uses pyseccomp (installed with vhostballoon) over the system's "
+        "libseccomp.so.2 (Debian: libseccomp2)",
     )
     p.add_argument("--flush-bytes", default="1G", metavar="SIZE", help="auto: pending partial bytes that trigger a flush (default 1G)")
     p.add_argument("--flush-after", type=float, default=5.0, metavar="SECONDS", help="auto: longest wait of a pending page (default 5)")
