@@ -144,8 +144,9 @@ class BackendProcess:
         self.socket_path = os.path.join(workdir, "vb.sock")
         self.control_path = self.socket_path + ".ctl"
         self.log_path = os.path.join(workdir, "backend.log")
+        # -P: not the current directory first on sys.path (see faults/_common.py: DAEMON)
         cmd = [
-            sys.executable, "-m", "vhostballoon", "--socket-path", self.socket_path,
+            sys.executable, "-P", "-m", "vhostballoon", "--socket-path", self.socket_path,
             "--state-dir", "none", "--log-level", "warning", *extra_args,
         ]
         self._log = open(self.log_path, "wb")

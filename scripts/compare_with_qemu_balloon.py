@@ -142,7 +142,7 @@ class Daemon:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "vhostballoon", "--socket-path", self.socket_path, "--state-dir", "none",
+                [sys.executable, "-P", "-m", "vhostballoon", "--socket-path", self.socket_path, "--state-dir", "none",
                  "--features=-reporting"],
                 stdout=log,
                 stderr=subprocess.STDOUT,

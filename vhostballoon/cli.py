@@ -117,7 +117,19 @@ def _daemon_parser() -> argparse.ArgumentParser:
         "--sandbox",
         action="store_true",
         help="once the sockets are bound, allow only the system calls the back-end needs (seccomp); "
-        "any other kills the process. Needs pyseccomp: pip install 'vhostballoon[sandbox]'",
+        "any other kills the process. Uses pyseccomp (installed with vhostballoon) over the system's "
+        "libseccomp.so.2 (Debian: libseccomp2)",
+    )
+    p.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off), e.g. 127.0.0.1:9101; "
+        "bound before --sandbox applies. README: 'Metrics' lists every metric",
+    )
+    p.add_argument(
+        "--name",
+        metavar="VM",
+        help="the VM's name: the 'vm' label of every metric (default: the socket path)",
     )
     p.add_argument("--flush-bytes", default="1G", metavar="SIZE", help="auto: pending partial bytes that trigger a flush (default 1G)")
     p.add_argument("--flush-after", type=float, default=5.0, metavar="SECONDS", help="auto: longest wait of a pending page (default 5)")
@@ -153,6 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.socket_path is None and args.fd is None:
         parser.error("one of --socket-path PATH or --fd N is required (or --print-capabilities)")
+    if args.metrics_address is not None:
+        from .server.metrics import parse_address
+
+        try:
+            parse_address(args.metrics_address)
+        except ValueError as exc:
+            parser.error(str(exc))
     return run_daemon(args)
 
 
@@ -202,6 +221,8 @@ def run_daemon(args: argparse.Namespace) -> int:
                 control_path=args.control_socket,
                 service=service,
                 sandbox=args.sandbox,
+                metrics_address=args.metrics_address,
+                name=args.name,
             )
         )
     except (StartupError, ExceptionGroup) as exc:

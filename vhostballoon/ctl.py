@@ -1,7 +1,8 @@
 """``vhostballoon-ctl``: talk to a running back-end's control socket.
 
     vhostballoon-ctl --socket-path /run/vb.sock balloon 512M --wait
-    vhostballoon-ctl --socket-path /run/vb.sock query
+    vhostballoon-ctl --socket-path /run/vb.sock query            # a short summary
+    vhostballoon-ctl --socket-path /run/vb.sock query --json     # every figure, as JSON
     vhostballoon-ctl --socket-path /run/vb.sock huge-policy whole
     vhostballoon-ctl --socket-path /run/vb.sock stats
     vhostballoon-ctl --socket-path /run/vb.sock stats-interval 2
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -89,47 +91,145 @@ def _print_stats(info: dict) -> None:
         print(f"{key:<{width}}  {info.get(key)}")
 
 
-def wait_for_target(client: ControlClient, target: int, timeout: float, interval: float = 0.25) -> int:
-    """Show progress until the guest reaches the target; say why not otherwise."""
-    last_actual = None
-    last_progress = time.monotonic()
-    while True:
-        info = client.execute("query-balloon")
-        if not info.get("connected"):
-            print("no front-end is connected: the target is kept and applied when a guest connects", file=sys.stderr)
-            return 2
-        ram = info.get("guest-ram-bytes") or 0
-        goal = min(target, ram) if ram else target
-        actual = info.get("actual")
-        if actual is not None and actual != last_actual:
-            last_actual = actual
-            last_progress = time.monotonic()
-            freed = info.get("freed-bytes-measured", 0)
-            print(f"guest {format_size(actual):>10}  target {format_size(goal):>10}  host memory freed {format_size(freed)}", flush=True)
-        # The guest works in 4 KiB pages: the target is reached to the page.
-        if actual is not None and abs(actual - goal) < 4096:
-            print(f"reached: guest has {format_size(actual)} ({actual} bytes)")
-            return 0
-        if time.monotonic() - last_progress > timeout:
-            print(
-                f"no progress for {timeout:.0f} s: guest at {format_size(actual)}, target {format_size(goal)}; "
-                "the guest driver may be unable to give (or take back) more memory, or is not running",
-                file=sys.stderr,
-            )
-            return 1
-        time.sleep(interval)
+def _summary_lines(info: dict) -> list[tuple[str, str]]:
+    """The figures an operator looks at first, as (label, text) rows."""
+
+    def size(value) -> str:
+        return format_size(value) if isinstance(value, int) and not isinstance(value, bool) else "-"
+
+    rows: list[tuple[str, str]] = []
+    if not info.get("connected"):
+        rows.append(("guest", "no front-end connected"))
+        rows.append(("target", size(info.get("target")) if info.get("target") is not None else "none set"))
+        return rows
+    ram = info.get("guest-ram-bytes")
+    rows.append(("guest size", f"{size(info.get('actual'))} of {size(ram)} RAM"))
+    target = info.get("target")
+    rows.append(("target", size(target) if target is not None else "none set (the guest keeps all its RAM)"))
+    rows.append(("in the balloon", size(info.get("ballooned-bytes"))))
+    rows.append(("host memory freed", f"{size(info.get('freed-bytes-measured'))} (measured)"))
+    rows.append(("pending", size(info.get("pending-bytes"))))
+    # negotiated balloon features first, by their virtio names; ring features after
+    names = info.get("features") or []
+    balloon = [n.split(":", 1)[1] for n in names if n.startswith("balloon:")]
+    other = [n.split(":", 1)[-1] for n in names if not n.startswith("balloon:")]
+    rows.append(("features", " ".join(balloon + other) or "none negotiated yet"))
+    guest = info.get("guest-stats") or {}
+    stats = guest.get("stats") or {}
+    if "stat-free-memory" in stats:
+        age = guest.get("age-seconds")
+        free = f"{size(stats['stat-free-memory'])}"
+        if "stat-available-memory" in stats:
+            free += f", available {size(stats['stat-available-memory'])}"
+        free += f" ({age:.1f} s ago)" if isinstance(age, (int, float)) else ""
+        rows.append(("guest free memory", free))
+    else:
+        rows.append(("guest free memory", "no statistics from the guest yet"))
+    return rows
+
+
+def _print_summary(info: dict) -> None:
+    rows = _summary_lines(info)
+    width = max(len(label) for label, _ in rows)
+    for label, text in rows:
+        print(f"{label:<{width}}  {text}")
+
+
+def wait_for_target(client: ControlClient, target: int, timeout: float, interval: float = 0.25,
+                    start: int | None = None) -> int:
+    """A progress bar (bytes moved, rate, time left) until the guest reaches
+    the target; say why not otherwise. ``start``: the guest's size before the
+    target was set. The bar goes to stderr, the outcome to stdout."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    info = client.execute("query-balloon")
+    if not info.get("connected"):
+        print("no front-end is connected: the target is kept and applied when a guest connects", file=sys.stderr)
+        return 2
+    ram = info.get("guest-ram-bytes") or 0
+    goal = min(target, ram) if ram else target
+    if start is None:
+        start = info.get("actual") or 0
+    total = max(abs(start - goal), 1)
+    verb = "inflating" if goal < start else "deflating"
+    began = last_progress = time.monotonic()
+    last_actual = start
+    progress = Progress(
+        TextColumn(f"{verb} {format_size(start)} -> {format_size(goal)}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("ETA {task.fields[eta]}"),
+        console=Console(stderr=True),
+    )
+
+    def show(moved: int) -> None:
+        elapsed = max(time.monotonic() - began, 1e-6)
+        rate = moved / elapsed
+        left = total - moved
+        eta = "0 s" if left <= 0 else (f"{left / rate:.1f} s" if rate > 0 else "?")
+        progress.update(task, completed=moved, rate=f"{format_size(int(rate))}/s", eta=eta)
+
+    with progress:
+        task = progress.add_task("balloon", total=total, rate="-", eta="?")
+        while True:
+            actual = info.get("actual")
+            if actual is not None:
+                # bytes moved toward the goal (none if the guest went the other way)
+                moved = min(abs(start - actual), total) if (goal - start) * (actual - start) >= 0 else 0
+                show(moved)
+                if actual != last_actual:
+                    last_actual = actual
+                    last_progress = time.monotonic()
+            # The guest works in 4 KiB pages: the target is reached to the page.
+            if actual is not None and abs(actual - goal) < 4096:
+                show(total)
+                break
+            if time.monotonic() - last_progress > timeout:
+                progress.stop()
+                print(
+                    f"no progress for {timeout:.0f} s: guest at {format_size(actual)}, target {format_size(goal)}; "
+                    "the guest driver may be unable to give (or take back) more memory, or is not running",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(interval)
+            info = client.execute("query-balloon")
+            if not info.get("connected"):
+                progress.stop()
+                print("the front-end went away before the guest reached the target (the target is kept)", file=sys.stderr)
+                return 2
+    freed = info.get("freed-bytes-measured", 0)
+    took = time.monotonic() - began
+    print(f"reached: guest has {format_size(actual)} ({actual} bytes); host memory freed {format_size(freed)}; took {took:.1f} s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        # Our reader (``| head``) left: not an error of ours. Point stdout at
+        # /dev/null so that the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell shows for a writer killed by it
+
+
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vhostballoon-ctl", description="Control a running vhostballoon back-end.")
     p.add_argument("--socket-path", metavar="PATH", help="the back-end's vhost-user socket (control socket is PATH.ctl)")
     p.add_argument("--control-socket", metavar="PATH", help="the control socket itself")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("balloon", help="set the guest's target memory size (like QMP balloon)")
     b.add_argument("size", help="target guest memory: 512M, 2G, or bytes")
-    b.add_argument("--wait", action="store_true", help="show progress until the guest reaches the target")
+    b.add_argument("--wait", action="store_true", help="show a progress bar (bytes moved, rate, time left) until the guest reaches the target")
     b.add_argument("--timeout", type=float, default=30.0, help="with --wait: give up after this many seconds without progress")
-    sub.add_parser("query", help="show the balloon's figures (query-balloon)")
+    q = sub.add_parser("query", help="a short summary of the balloon (query-balloon); --json for every figure")
+    q.add_argument("--json", action="store_true", help="print query-balloon's whole reply as JSON")
     h = sub.add_parser("huge-policy", help="set how partly ballooned huge pages are freed (auto, whole, eager)")
     h.add_argument("policy", choices=["auto", "whole", "eager"])
     h.add_argument("--flush-bytes", metavar="SIZE", help="auto: flush once this much is pending (e.g. 64M)")
@@ -152,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                 target = parse_size(args.size)
             except ValueError as exc:
                 p.error(str(exc))
+            before = client.execute("query-balloon").get("actual") if args.wait else None
             client.execute("balloon", value=target)
-            print(f"target set: {format_size(target)} ({target} bytes)")
-            return wait_for_target(client, target, args.timeout) if args.wait else 0
+            print(f"target set: {format_size(target)} ({target} bytes)", flush=True)
+            return wait_for_target(client, target, args.timeout, start=before) if args.wait else 0
         if args.command == "huge-policy":
             options = {"policy": args.policy}
             if args.flush_bytes is not None:
@@ -173,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
             _print_query(client.execute("set-stats-interval", interval=args.seconds))
             return 0
         if args.command == "query":
-            _print_query(client.execute("query-balloon"))
+            info = client.execute("query-balloon")
+            if args.json:
+                print(json.dumps(info, indent=2))
+            else:
+                _print_summary(info)
             return 0
         if args.command == "watch":
             client.sock.settimeout(None)

@@ -41,7 +41,10 @@ from vhostballoon.testing.waiting import wait_until  # noqa: F401  (the scripts 
 MiB = 1 << 20
 GiB = 1 << 30
 PAGE = 4096
-DAEMON = [sys.executable, "-m", "vhostballoon"]
+# -P: "python -m" would put the current directory first on sys.path, and from
+# a checkout after `pip install .` (not editable) that is the source tree's
+# package, which has no compiled _native: the installed package must win.
+DAEMON = [sys.executable, "-P", "-m", "vhostballoon"]
 STARTUP_TIMEOUT = 20.0
 
 

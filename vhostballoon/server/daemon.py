@@ -14,6 +14,7 @@ import structlog
 import trio
 
 from .control import serve_control
+from .metrics import open_metrics_listener, registry_for, serve_metrics
 from .sandbox import SandboxError, apply_sandbox
 from .service import BalloonService
 from .session import FrontendSession
@@ -83,6 +84,7 @@ class Backend:
     service: BalloonService
     socket_path: str | None
     control_path: str | None
+    metrics_address: tuple[str, int] | None = None  # where /metrics listens (port 0 resolved)
 
 
 async def serve_frontends(listener: socket.socket, service: BalloonService) -> None:
@@ -113,12 +115,16 @@ async def run_backend(
     control_path: str | None = None,
     service: BalloonService | None = None,
     sandbox: bool = False,
+    metrics_address: str | None = None,
+    name: str | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the back-end until cancelled. Exactly one of socket_path/listen_fd.
     ``control_path`` None means socket_path + ".ctl"; "" disables it.
     ``sandbox``: once both sockets are bound, load the seccomp allow-list
-    (server.sandbox) before serving anything."""
+    (server.sandbox) before serving anything. ``metrics_address``
+    HOST:PORT: serve /metrics there (server.metrics), every metric labelled
+    ``vm=name`` (default: the socket path)."""
     if (socket_path is None) == (listen_fd is None):
         raise StartupError("give exactly one of a socket path or a listening fd")
     service = service or BalloonService()
@@ -130,7 +136,13 @@ async def run_backend(
         bound = socket_path or listener.getsockname()
         control_path = f"{bound}.ctl" if isinstance(bound, str) and bound and not bound.startswith("\0") else ""
     control_listener = None
+    metrics_listener = None
     try:
+        if metrics_address:
+            try:
+                metrics_listener = await open_metrics_listener(metrics_address)
+            except (OSError, ValueError) as exc:
+                raise StartupError(str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)) from None
         if control_path:
             control_sock = bind_unix_listener(control_path, backlog=16)
             created.append(control_path)
@@ -146,14 +158,22 @@ async def run_backend(
             nursery.start_soon(serve_frontends, listener, service)
             if control_listener is not None:
                 nursery.start_soon(serve_control, control_listener, service)
+            bound_metrics = None
+            if metrics_listener is not None:
+                label = name or socket_path or f"fd {listen_fd}"
+                nursery.start_soon(serve_metrics, metrics_listener, registry_for(service.query, service.query_stats, label))
+                bound_metrics = metrics_listener.socket.getsockname()[:2]
+                log.info("metrics listening", address=f"{bound_metrics[0]}:{bound_metrics[1]}", vm=label)
             log.info("listening", socket=socket_path or f"fd {listen_fd}", control=control_path or None)
-            task_status.started(Backend(service, socket_path, control_path or None))
+            task_status.started(Backend(service, socket_path, control_path or None, bound_metrics))
     finally:
         # Synchronous clean-up only: we may be inside a cancelled scope here,
         # where any checkpoint would raise Cancelled and skip the unlinks.
         listener.close()
         if control_listener is not None:
             control_listener.socket.close()
+        if metrics_listener is not None:
+            metrics_listener.socket.close()
         for path in created:
             try:
                 os.unlink(path)

@@ -66,7 +66,7 @@ def apply_sandbox() -> int:
     except (ImportError, OSError) as exc:  # pyseccomp raises OSError when libseccomp.so.2 is missing
         raise SandboxError(
             f"--sandbox needs the pyseccomp package and libseccomp.so.2 ({exc}); "
-            "install with: pip install 'vhostballoon[sandbox]' (Debian: apt-get install libseccomp2)"
+            "pyseccomp is a dependency of vhostballoon (pip install vhostballoon); the library: apt-get install libseccomp2"
         ) from None
     try:
         sandbox = seccomp.SyscallFilter(defaction=seccomp.KILL_PROCESS)
