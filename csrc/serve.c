@@ -47,6 +47,8 @@
  * buffer, VIRTIO_BALLOON_ARRAY_PFNS_MAX in drivers/virtio/virtio_balloon.c;
  * or ranges).  Each stage's output has room for as many ranges as the pop
  * has items, which is as many as it can make. */
+/* Orders the counters keep (the size of vb_worker_counters.range_orders). */
+#define RANGE_ORDERS ((int)(sizeof(((vb_worker_counters *)0)->range_orders) / sizeof(uint64_t)))
 #define WORKER_MAX_HEADS 1024
 #define WORKER_MAX_ITEMS 65536
 
@@ -404,7 +406,7 @@ static int serve_available(vb_worker *w)
                 uint64_t pages = w->changed[i].len >> VB_PAGE_SHIFT;
                 int order = pages ? 63 - __builtin_clzll(pages) : 0;
 
-                w->c.range_orders[order < 32 ? order : 31]++;
+                w->c.range_orders[order < RANGE_ORDERS ? order : RANGE_ORDERS - 1]++;
             }
         }
         w->c.flushes += (uint64_t)flushed;

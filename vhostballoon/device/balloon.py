@@ -15,6 +15,7 @@ import structlog
 from ..native import (
     PAGE_SHIFT,
     PAGE_SIZE,
+    RANGE_ORDERS,
     ConfigMailbox,
     ConfigWrite,
     DescRange,
@@ -110,7 +111,7 @@ class Counters:
     pages_inflated_by_range: int = 0
     pages_deflated_by_range: int = 0
     ranges_refused: int = 0
-    ranges_by_order: list[int] = field(default_factory=lambda: [0] * 32)
+    ranges_by_order: list[int] = field(default_factory=lambda: [0] * RANGE_ORDERS)
     invalid_pfns: int = 0
     repeated_pfns: int = 0
     discard: DiscardStats = field(default_factory=DiscardStats)

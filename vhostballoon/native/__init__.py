@@ -53,6 +53,7 @@ from .rings import (
     Virtqueue,
 )
 from .runtime import (
+    RANGE_ORDERS,
     FrontChunk,
     FrontCounters,
     FrontReader,
@@ -97,6 +98,7 @@ __all__ = [
     "PfnArray",
     "PoppedBatch",
     "QueueWorker",
+    "RANGE_ORDERS",
     "REFUSE_REASONS",
     "RangeList",
     "RegionInfo",

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from .journal import PageJournal
 
 
+# Orders ranges are counted by (vb_worker_counters.range_orders: its size is C's).
+RANGE_ORDERS = len(ffi.new("vb_worker_counters *").range_orders)
+
+
 class NativeLock:
     """The lock the C queue workers take around every touch of guest memory
     state (csrc/serve.c vb_lock).  Any thread may release it, so the session
@@ -68,7 +72,7 @@ class WorkerCounters:
     refused: int = 0  # ranges refused (extents: malformed, or inflating ballooned pages)
     last_refused: tuple[int, int] = (0, 0)  # (gpa, len) of the first refused of the latest batch with one
     last_refused_why: str = ""
-    range_orders: tuple[int, ...] = (0,) * 32  # extents inflate: accepted ranges by order
+    range_orders: tuple[int, ...] = (0,) * RANGE_ORDERS  # extents inflate: accepted ranges by order
 
     # Not running totals: minus() keeps the later value (discard: its own minus).
     _LATEST: ClassVar[frozenset[str]] = frozenset(

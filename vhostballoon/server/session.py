@@ -42,7 +42,7 @@ from ..device.hugepages import FlushPolicy, HugePageTracker
 from ..device.queues import SPECS, QueueRole, device_queue_count
 from ..native import FrontReader, GuestMemory, MemoryTableError, RangeList, RingError
 from ..vhost_user import connection as vu
-from ..vhost_user.constants import MAX_MEM_SLOTS, VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
+from ..vhost_user.constants import MAX_FDS, MAX_MEM_SLOTS, VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
 from ..vhost_user.errors import ProtocolError
 from .config_channel import ConfigChannel
 from .flushing import Discarder, FlushScheduler
@@ -62,7 +62,7 @@ log = structlog.get_logger("vhostballoon.session")
 # DEVICE_STATE or POSTCOPY).
 PROTOCOL_FEATURES = int(vu.SUPPORTED_PROTOCOL_FEATURES)
 TRUNCATED_FDS = (
-    "peer sent more fds than a vhost-user message may carry (8); ancillary data truncated"
+    f"peer sent more fds than a vhost-user message may carry ({MAX_FDS}); ancillary data truncated"
 )
 
 

@@ -8,10 +8,12 @@ from typing import Sequence
 
 import trio
 
+from ..vhost_user.constants import MAX_FDS
+
 from ..vhost_user.codec import close_fds  # noqa: F401  (re-exported for the server)
 
 # vhost-user.rst: at most 8 fds per message (VHOST_MEMORY_BASELINE_NREGIONS).
-MAX_FDS_PER_MESSAGE = 8
+MAX_FDS_PER_MESSAGE = MAX_FDS
 _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 
 
