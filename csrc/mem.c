@@ -15,9 +15,32 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "vb_internal.h"
+
+/* f_type values, linux/include/uapi/linux/magic.h. */
+#define TMPFS_MAGIC_VALUE 0x01021994
+#define HUGETLBFS_MAGIC_VALUE 0x958458f6
+
+int vb_fd_backing(int fd, uint64_t *block)
+{
+    struct statfs sfs;
+
+    if (fstatfs(fd, &sfs) < 0) {
+        return -1;
+    }
+    *block = (uint64_t)sfs.f_bsize;
+    switch ((uint32_t)sfs.f_type) {
+    case TMPFS_MAGIC_VALUE:
+        return VB_BACKING_SHMEM;
+    case HUGETLBFS_MAGIC_VALUE:
+        return VB_BACKING_HUGETLBFS;
+    default:
+        return VB_BACKING_FILE;
+    }
+}
 
 vb_mem *vb_mem_new(void)
 {

@@ -35,36 +35,13 @@
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/vfs.h>
 #include <time.h>
 
 #include "vb_internal.h"
 
-/* f_type values, linux/include/uapi/linux/magic.h. */
-#define TMPFS_MAGIC_VALUE 0x01021994
-#define HUGETLBFS_MAGIC_VALUE 0x958458f6
-
 /* 1 GiB huge pages are the largest x86 and arm64 have; a per huge page
  * count of 4 KiB pages then still fits in 32 bits with room to spare. */
 #define VB_GRANULE_MAX ((uint64_t)1 << 30)
-
-int vb_fd_backing(int fd, uint64_t *block)
-{
-    struct statfs sfs;
-
-    if (fstatfs(fd, &sfs) < 0) {
-        return -1;
-    }
-    *block = (uint64_t)sfs.f_bsize;
-    switch ((uint32_t)sfs.f_type) {
-    case TMPFS_MAGIC_VALUE:
-        return VB_BACKING_SHMEM;
-    case HUGETLBFS_MAGIC_VALUE:
-        return VB_BACKING_HUGETLBFS;
-    default:
-        return VB_BACKING_FILE;
-    }
-}
 
 static uint64_t monotonic_ns(void)
 {
