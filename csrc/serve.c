@@ -50,6 +50,7 @@
 /* Orders the counters keep (the size of vb_worker_counters.range_orders). */
 #define RANGE_ORDERS ((int)(sizeof(((vb_worker_counters *)0)->range_orders) / sizeof(uint64_t)))
 #define WORKER_MAX_HEADS 1024
+#define SERVICE_BUCKETS ((int)(sizeof(((vb_worker_counters *)0)->service_us_buckets) / sizeof(uint64_t)))
 #define WORKER_MAX_ITEMS 65536
 
 /* The sink of each buffer format a worker can serve. */
@@ -65,6 +66,14 @@ static const struct {
     {VB_FORMAT_PFN32, vb_vq_pop_pfn32, 0, "pfn32"},
     {VB_FORMAT_EXTENTS, vb_vq_pop_extents, 1, "extents"},
 };
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 struct vb_lock {
     pthread_mutex_t mu;
@@ -308,6 +317,7 @@ static int serve_available(vb_worker *w)
         char err[sizeof(w->c.error)];
         vb_batch batch;
         vb_update up;
+        uint64_t popped_ns, service_ns;
         uint32_t n_ranges = 0;
         uint64_t pending_before = 0, pending_dropped = 0, measured = 0;
         vb_discard_stats st;
@@ -331,6 +341,7 @@ static int serve_available(vb_worker *w)
         if (popped == 0) {
             break;
         }
+        popped_ns = now_ns();
         memset(&st, 0, sizeof(st));
         st.failed_region = -1;
         /* changed[] has room: a PFN batch has at most WORKER_MAX_ITEMS
@@ -379,6 +390,7 @@ static int serve_available(vb_worker *w)
             break;
         }
         vb_vq_push_used(w->vq, w->heads, NULL, (uint32_t)popped);
+        service_ns = now_ns() - popped_ns;
 
         pthread_mutex_lock(&w->counters_mu);
         w->c.batches++;
@@ -408,6 +420,13 @@ static int serve_available(vb_worker *w)
 
                 w->c.range_orders[order < RANGE_ORDERS ? order : RANGE_ORDERS - 1]++;
             }
+        }
+        {
+            uint64_t us = service_ns / 1000;
+            int bucket = us ? 64 - __builtin_clzll(us) : 0;   /* us < 2^bucket */
+
+            w->c.service_us_buckets[bucket < SERVICE_BUCKETS ? bucket : SERVICE_BUCKETS - 1] += (uint64_t)popped;
+            w->c.service_ns_sum += service_ns * (uint64_t)popped;
         }
         w->c.flushes += (uint64_t)flushed;
         w->c.freed_measured += measured;

@@ -50,6 +50,11 @@ typedef struct vb_worker_counters {
     uint64_t journal_dropped;   /* records dropped: no snapshot came within 2 s */
     vb_discard_stats discard;   /* cumulative; last_errno/failed_region: the latest failure */
     uint64_t range_orders[32];  /* extents inflate: accepted ranges by order (log2 of their 4 KiB pages) */
+    /* Buffers by their service time, pop to used ring (the device's share of
+     * the guest's round trip): bucket i holds times under 2^i us, the last
+     * everything above; and the sum of those times in ns. */
+    uint64_t service_us_buckets[20];
+    uint64_t service_ns_sum;
     int broken;                 /* the ring was malformed: the worker stopped (error says why) */
     int running;                /* no stop requested or taken yet */
     char error[200];

@@ -97,6 +97,16 @@ async def test_metrics_match_query_balloon(metrics_daemon):
         assert m[("vhostballoon_guest_free_memory_bytes", V)] > 0
         assert 0 <= m[("vhostballoon_guest_stats_age_seconds", V)] < 5
         assert m[("vhostballoon_sessions_served_total", V)] == 1
+        # The buffers' service times, as a histogram: every page-moving buffer
+        # counted once (the +Inf bucket), the buckets cumulative, a sum.
+        buffers = info["inflate-buffers"] + info["deflate-buffers"]
+        assert m[("vhostballoon_buffer_service_seconds_count", V)] == buffers > 0
+        assert m[("vhostballoon_buffer_service_seconds_bucket", (("le", "+Inf"),) + V)] == buffers
+        bounds = sorted((float(dict(labels)["le"]), value) for (name, labels), value in m.items()
+                        if name == "vhostballoon_buffer_service_seconds_bucket")
+        assert [v for _, v in bounds] == sorted(v for _, v in bounds)  # cumulative
+        assert bounds[0][0] == 1e-06 and sum(info["buffer-service-time"]["counts"]) == buffers
+        assert 0 < m[("vhostballoon_buffer_service_seconds_sum", V)] < buffers * 0.1
         # every sample carries the vm label; names follow the conventions
         for name, labels in m:
             assert dict(labels)["vm"] == "vm-a"

@@ -16,6 +16,7 @@ from ..native import (
     PAGE_SHIFT,
     PAGE_SIZE,
     RANGE_ORDERS,
+    SERVICE_BUCKETS,
     ConfigMailbox,
     ConfigWrite,
     DescRange,
@@ -112,6 +113,9 @@ class Counters:
     pages_deflated_by_range: int = 0
     ranges_refused: int = 0
     ranges_by_order: list[int] = field(default_factory=lambda: [0] * RANGE_ORDERS)
+    # Page-moving buffers by service time (C: pop to used ring), bucket i under 2**i us.
+    service_us_buckets: list[int] = field(default_factory=lambda: [0] * SERVICE_BUCKETS)
+    service_ns_sum: int = 0
     invalid_pfns: int = 0
     repeated_pfns: int = 0
     discard: DiscardStats = field(default_factory=DiscardStats)
@@ -272,6 +276,9 @@ class BalloonDevice:
             c.inflate_buffers += work.buffers
         else:
             c.deflate_buffers += work.buffers
+        for bucket, count in enumerate(work.service_us_buckets):
+            c.service_us_buckets[bucket] += count
+        c.service_ns_sum += work.service_ns_sum
         c.invalid_pfns += work.invalid
         c.repeated_pfns += work.unchanged
         c.discard.add(work.discard)
@@ -375,6 +382,13 @@ class BalloonDevice:
             "pages-ballooned-by-pfn": max(0, self.memory.ballooned_pages - by_range),
             "ranges-by-order": {str(order): n for order, n in enumerate(c.ranges_by_order) if n},
             "ranges-refused": c.ranges_refused,
+            # Buffer service times, pop to used ring: counts[i] of buffers under
+            # le-us[i] microseconds (and above the previous bound); the last, above all.
+            "buffer-service-time": {
+                "le-us": [1 << i for i in range(SERVICE_BUCKETS - 1)],
+                "counts": list(c.service_us_buckets),
+                "sum-us": c.service_ns_sum // 1000,
+            },
             "invalid-pfns": c.invalid_pfns,
             "repeated-pfns": c.repeated_pfns,
             "discarded-bytes": c.discard.bytes_freed,

@@ -54,6 +54,7 @@ from .rings import (
 )
 from .runtime import (
     RANGE_ORDERS,
+    SERVICE_BUCKETS,
     FrontChunk,
     FrontCounters,
     FrontReader,
@@ -99,6 +100,7 @@ __all__ = [
     "PoppedBatch",
     "QueueWorker",
     "RANGE_ORDERS",
+    "SERVICE_BUCKETS",
     "REFUSE_REASONS",
     "RangeList",
     "RegionInfo",

@@ -21,8 +21,10 @@ if TYPE_CHECKING:
     from .journal import PageJournal
 
 
-# Orders ranges are counted by (vb_worker_counters.range_orders: its size is C's).
+# Orders ranges are counted by, and buckets of buffer service times
+# (vb_worker_counters: the sizes are C's).
 RANGE_ORDERS = len(ffi.new("vb_worker_counters *").range_orders)
+SERVICE_BUCKETS = len(ffi.new("vb_worker_counters *").service_us_buckets)
 
 
 class NativeLock:
@@ -73,6 +75,9 @@ class WorkerCounters:
     last_refused: tuple[int, int] = (0, 0)  # (gpa, len) of the first refused of the latest batch with one
     last_refused_why: str = ""
     range_orders: tuple[int, ...] = (0,) * RANGE_ORDERS  # extents inflate: accepted ranges by order
+    # Buffers by service time (pop to used ring): bucket i under 2**i us, the last above; and their sum.
+    service_us_buckets: tuple[int, ...] = (0,) * SERVICE_BUCKETS
+    service_ns_sum: int = 0
 
     # Not running totals: minus() keeps the later value (discard: its own minus).
     _LATEST: ClassVar[frozenset[str]] = frozenset(
@@ -87,11 +92,12 @@ class WorkerCounters:
         })
         if discard.bytes_failed:
             discard.last_errno, discard.failed_region = self.discard.last_errno, self.discard.failed_region
-        totals = {
-            f.name: getattr(self, f.name) - getattr(earlier, f.name)
-            for f in fields(self) if f.name not in self._LATEST and f.name != "range_orders"
-        }
-        totals["range_orders"] = tuple(a - b for a, b in zip(self.range_orders, earlier.range_orders))
+        totals = {}
+        for f in fields(self):
+            if f.name in self._LATEST:
+                continue
+            now, then = getattr(self, f.name), getattr(earlier, f.name)
+            totals[f.name] = tuple(a - b for a, b in zip(now, then)) if isinstance(now, tuple) else now - then
         latest = {name: getattr(self, name) for name in self._LATEST if name != "discard"}
         return WorkerCounters(**totals, **latest, discard=discard)
 
@@ -160,6 +166,7 @@ class QueueWorker:
             refused=c.refused, last_refused=(c.last_refused_gpa, c.last_refused_len),
             last_refused_why=REFUSE_REASONS.get(c.last_refused_why, "") if c.refused else "",
             range_orders=tuple(c.range_orders),
+            service_us_buckets=tuple(c.service_us_buckets), service_ns_sum=c.service_ns_sum,
         )
 
     def request_stop(self) -> None:

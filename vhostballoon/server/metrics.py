@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 import trio
 from prometheus_client import generate_latest
-from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 log = structlog.get_logger("vhostballoon.metrics")
@@ -92,6 +92,22 @@ class BalloonCollector(Collector):
         family.add_metric([self.name], value)
         return family
 
+    def _service_histogram(self, service: dict[str, Any]) -> HistogramMetricFamily:
+        """The C queue threads' per-buffer service times (pop to used ring)."""
+        family = HistogramMetricFamily(
+            PREFIX + "buffer_service_seconds",
+            "time from taking a guest's inflate/deflate buffer off the ring to returning it (the device's share "
+            "of the buffer's round trip), this front-end session",
+            labels=["vm"],
+        )
+        cumulative, buckets = 0, []
+        for bound_us, count in zip(service["le-us"], service["counts"]):
+            cumulative += count
+            buckets.append((repr(bound_us / 1e6), cumulative))
+        buckets.append(("+Inf", cumulative + service["counts"][-1]))
+        family.add_metric([self.name], buckets, sum_value=service["sum-us"] / 1e6)
+        return family
+
     def collect(self) -> Iterator:
         info = self.query()
         yield self._gauge("connected", "1 while a front-end (QEMU) is connected", 1 if info.get("connected") else 0)
@@ -110,6 +126,9 @@ class BalloonCollector(Collector):
             pages.add_metric([self.name, "pfn"], info.get("pages-ballooned-by-pfn", 0))
             pages.add_metric([self.name, "range"], info.get("pages-ballooned-by-range", 0))
             yield pages
+            service = info.get("buffer-service-time")
+            if service:
+                yield self._service_histogram(service)
         stats = self.query_stats()
         if stats.get("age-seconds") is not None:
             yield self._gauge("guest_stats_age_seconds", "age of the guest's latest statistics", stats["age-seconds"])
