@@ -56,12 +56,13 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import ExitStack
 from pathlib import Path
 
 import trio
 
 from vhostballoon.ctl import ControlClient
-from vhostballoon.testing.host import THP_SYSFS, sysfs_choice, vmstat
+from vhostballoon.testing.host import THP_SYSFS, HugePagesUnavailable, reserved_huge_pages, shmem_thp, sysfs_choice, vmstat
 from vhostballoon.testing.qemu import (
     GUEST_DIR,
     QemuGuest,
@@ -295,34 +296,26 @@ class Backing:
     def __init__(self, kind: str, memory_mib: int) -> None:
         self.kind, self.memory_mib = kind, memory_mib
         self.fd: int | None = None
-        self._restore: list[tuple[str, str]] = []
+        self._stack = ExitStack()
 
     def __enter__(self) -> dict:
         if self.kind == "thp":
-            self._set(os.path.join(THP_SYSFS, "shmem_enabled"), "advise")
+            self._stack.enter_context(shmem_thp("advise"))
             self.fd = os.memfd_create("vb-compare-ram", os.MFD_CLOEXEC)
             os.ftruncate(self.fd, self.memory_mib * MiB)
             return {"ram_fd": self.fd}
         if self.kind == "hugetlbfs":
-            path = "/proc/sys/vm/nr_hugepages"
-            with open(path) as f:
-                have = int(f.read())
-            self._set(path, str(have + self.memory_mib // 2 + 8))
+            try:
+                self._stack.enter_context(reserved_huge_pages(self.memory_mib // 2 + 8))
+            except HugePagesUnavailable as exc:
+                raise RunFailed(str(exc)) from None
             return {"ram_options": "hugetlb=on,hugetlbsize=2M"}
         return {}
-
-    def _set(self, path: str, value: str) -> None:
-        current = sysfs_choice(path) if path.startswith(THP_SYSFS) else open(path).read().strip()
-        self._restore.append((path, current))
-        with open(path, "w") as f:
-            f.write(value)
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
             os.close(self.fd)
-        for path, value in reversed(self._restore):
-            with open(path, "w") as f:
-                f.write(value)
+        self._stack.close()
 
 
 _MODULE_INITRD: Path | None = None

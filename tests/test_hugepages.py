@@ -20,6 +20,7 @@ import re
 
 import pytest
 from backend_support import bracketed, meminfo, vmstat
+from vhostballoon.testing.host import HugePagesUnavailable, reserved_huge_pages
 
 from vhostballoon.device.hugepages import (
     BATCH_GRANULE,
@@ -264,27 +265,11 @@ HUGETLB_PAGES = 8
 @pytest.fixture
 def hugetlb_reserved():
     """HUGETLB_PAGES more persistent huge pages for the test, given back after."""
-    path = "/proc/sys/vm/nr_hugepages"
     try:
-        with open(path) as f:
-            old = int(f.read())
-    except OSError as exc:
-        pytest.skip(f"no hugetlbfs here: {exc}")
-    try:
-        try:
-            with open(path, "w") as f:
-                f.write(str(old + HUGETLB_PAGES))
-        except OSError as exc:
-            pytest.skip(f"cannot reserve huge pages: writing {path}: {exc.strerror}")
-        if meminfo("HugePages_Free") < HUGETLB_PAGES:
-            pytest.skip(
-                f"cannot reserve huge pages: asked for {HUGETLB_PAGES} more, "
-                f"HugePages_Free is {meminfo('HugePages_Free')}"
-            )
-        yield meminfo("Hugepagesize")
-    finally:
-        with open(path, "w") as f:
-            f.write(str(old))
+        with reserved_huge_pages(HUGETLB_PAGES):
+            yield meminfo("Hugepagesize")
+    except HugePagesUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 class HugetlbGuest:

@@ -137,6 +137,18 @@ class BackendProcess:
     async def query(self) -> dict:
         return await self.execute("query-balloon")
 
+    async def balloon_and_time(self, target: int, timeout: float = 90.0, poll: float = 0.05) -> tuple[dict, float]:
+        """Set the target; poll query-balloon until ``actual`` is there.
+        Returns (that query, seconds from the command)."""
+        start = time.monotonic()
+        await self.execute("balloon", value=target)
+        with trio.fail_after(timeout):
+            while True:
+                info = await self.query()
+                if info["actual"] == target:
+                    return info, time.monotonic() - start
+                await trio.sleep(poll)
+
     async def wait_for(self, predicate, timeout: float, what: str) -> dict:
         """Poll query-balloon until predicate(info) holds."""
         info: dict = {}

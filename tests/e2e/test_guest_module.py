@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from vhostballoon.device.features import FEATURE_FLAGS
+from vhostballoon.testing.host import HugePagesUnavailable, reserved_huge_pages
 from vhostballoon.testing.qemu import (
     GUEST_612_DIR,
     GUEST_DIR,
@@ -105,18 +106,6 @@ async def orders(guest: QemuGuest) -> dict[str, str]:
     return out
 
 
-async def balloon_and_time(backend, target: int) -> tuple[dict, float]:
-    """Set the target; poll query-balloon until ``actual`` is there."""
-    start = time.monotonic()
-    await backend.execute("balloon", value=target)
-    with trio.fail_after(90):
-        while True:
-            info = await backend.query()
-            if info["actual"] == target:
-                return info, time.monotonic() - start
-            await trio.sleep(0.05)
-
-
 async def wait_guest_pages(guest: QemuGuest, pages: int, timeout: float) -> dict[str, int]:
     """Poll the guest's vmstat until its balloon holds ``pages``."""
     vm: dict[str, int] = {}
@@ -152,7 +141,7 @@ async def test_module_binds_and_balloons_1g_to_512m_and_back(tmp_path, backend_f
         host0 = guest.host_allocated()
         assert host0 > 800 * MiB
 
-        info, seconds = await balloon_and_time(backend, 512 * MiB)
+        info, seconds = await backend.balloon_and_time(512 * MiB)
         mem1, vm1 = await guest.meminfo(), await guest.vmstat()
         freed = host0 - guest.host_allocated()
         per_order = await orders(guest)
@@ -372,7 +361,7 @@ async def test_ranges_free_whole_thps_split_none_and_a_partial_deflate_splits_on
         )
         host0, splits0 = guest.host_allocated(), host_vmstat("thp_split_page")
 
-        info, seconds = await balloon_and_time(backend, 512 * MiB)
+        info, seconds = await backend.balloon_and_time(512 * MiB)
         await trio.sleep(0.5)
         info = await backend.query()
         freed, splits = host0 - guest.host_allocated(), host_vmstat("thp_split_page") - splits0
@@ -411,23 +400,13 @@ HUGETLB_PAGES = 512 + 8  # 1 GiB of guest RAM and a little room
 @pytest.fixture
 def hugetlb_pages():
     """HUGETLB_PAGES more persistent 2 MiB huge pages, given back after."""
-    path = "/proc/sys/vm/nr_hugepages"
     if host_meminfo("Hugepagesize") != HUGE // 1024:
         pytest.skip(f"the default huge page size here is not 2 MiB: {host_meminfo('Hugepagesize')} kB")
-    with open(path) as f:
-        old = int(f.read())
     try:
-        try:
-            with open(path, "w") as f:
-                f.write(str(old + HUGETLB_PAGES))
-        except OSError as exc:
-            pytest.skip(f"cannot reserve huge pages: writing {path}: {exc.strerror}")
-        if host_meminfo("HugePages_Free") < HUGETLB_PAGES:
-            pytest.skip(f"cannot reserve {HUGETLB_PAGES} huge pages: HugePages_Free {host_meminfo('HugePages_Free')}")
-        yield
-    finally:
-        with open(path, "w") as f:
-            f.write(str(old))
+        with reserved_huge_pages(HUGETLB_PAGES):
+            yield
+    except HugePagesUnavailable as exc:
+        pytest.skip(str(exc))
 
 
 @needs_ranges
@@ -441,7 +420,7 @@ async def test_ranges_give_hugetlbfs_huge_pages_back(tmp_path, backend_factory, 
         assert (await guest.run("fill 800", timeout=120)).rc == 0
         await guest.run("unfill")
         free0 = host_meminfo("HugePages_Free")
-        info, seconds = await balloon_and_time(backend, 512 * MiB)
+        info, seconds = await backend.balloon_and_time(512 * MiB)
         with trio.move_on_after(10):
             while host_meminfo("HugePages_Free") - free0 < 250:
                 await trio.sleep(0.1)

@@ -127,18 +127,6 @@ async def fill_with_huge_pages(guest: QemuGuest, backend) -> int:
     return host
 
 
-async def balloon_to_target(backend, guest: QemuGuest) -> tuple[dict, float]:
-    """balloon 512M; poll until the guest is there.  Returns (query, seconds)."""
-    start = time.monotonic()
-    await backend.execute("balloon", value=TARGET)
-    with trio.fail_after(60):
-        while True:
-            info = await backend.query()
-            if info["actual"] == TARGET:
-                return info, time.monotonic() - start
-            await trio.sleep(POLL)
-
-
 def region_info(info: dict) -> dict:
     [region] = info["regions"]
     return region
@@ -156,7 +144,7 @@ async def test_whole_policy_frees_only_whole_huge_pages_of_a_real_guest_and_spli
         assert (await backend.query())["huge-page-policy"] == "whole"
         splits0 = vmstat("thp_split_page")
 
-        info, seconds = await balloon_to_target(backend, guest)
+        info, seconds = await backend.balloon_and_time(TARGET, timeout=60, poll=POLL)
         await trio.sleep(1)  # whatever might still come (nothing should, under whole)
         info = await backend.query()
         splits = vmstat("thp_split_page") - splits0
@@ -192,7 +180,7 @@ async def test_auto_policy_frees_the_target_at_once_and_counts_the_splits_it_mak
         assert (await backend.query())["huge-page-policy"] == "auto"
         splits0, fallback0 = vmstat("thp_split_page"), vmstat("thp_file_fallback")
 
-        info, seconds = await balloon_to_target(backend, guest)
+        info, seconds = await backend.balloon_and_time(TARGET, timeout=60, poll=POLL)
         at_target = time.monotonic()
         # The flush happens when the guest reports its target, not after the
         # 5 s deadline: the memory is back within a few seconds of the target.

@@ -81,3 +81,36 @@ def shmem_thp(value: str) -> Iterator[None]:
             if old is not None:
                 with open(path, "w") as f:
                     f.write(old)
+
+
+NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
+
+
+class HugePagesUnavailable(RuntimeError):
+    """Persistent huge pages could not be reserved here (the reason is the message)."""
+
+
+@contextmanager
+def reserved_huge_pages(count: int) -> Iterator[None]:
+    """``count`` more persistent huge pages of the default size in
+    ``nr_hugepages`` while inside, the previous value restored after; raises
+    HugePagesUnavailable, saying why, when the kernel will not give them."""
+    try:
+        with open(NR_HUGEPAGES) as f:
+            old = int(f.read())
+    except OSError as exc:
+        raise HugePagesUnavailable(f"no hugetlbfs here: {exc}") from None
+    try:
+        try:
+            with open(NR_HUGEPAGES, "w") as f:
+                f.write(str(old + count))
+        except OSError as exc:
+            raise HugePagesUnavailable(f"cannot reserve huge pages: writing {NR_HUGEPAGES}: {exc.strerror}") from None
+        if meminfo("HugePages_Free") < count:
+            raise HugePagesUnavailable(
+                f"cannot reserve huge pages: asked for {count} more, HugePages_Free is {meminfo('HugePages_Free')}"
+            )
+        yield
+    finally:
+        with open(NR_HUGEPAGES, "w") as f:
+            f.write(str(old))
