@@ -9,42 +9,60 @@
 
 #include "vb_internal.h"
 
-uint64_t vb_ranges_run_limit(const vb_mem *mem, uint64_t pfn)
+void vb_ranges_run_bounds(const vb_mem *mem, uint64_t pfn, uint64_t *low, uint64_t *high)
 {
     uint64_t gpa = pfn << VB_PAGE_SHIFT;
     int i;
 
+    *low = 0;
+    *high = UINT64_MAX;
     if (mem == NULL) {
-        return UINT64_MAX;
+        return;
     }
     i = vb_mem_find_gpa(mem, gpa);
     if (i >= 0) {
-        return (mem->regions[i].gpa + mem->regions[i].size) >> VB_PAGE_SHIFT;
+        *low = mem->regions[i].gpa >> VB_PAGE_SHIFT;
+        *high = (mem->regions[i].gpa + mem->regions[i].size) >> VB_PAGE_SHIFT;
+        return;
     }
-    for (uint32_t k = 0; k < mem->nregions; k++) {
+    for (uint32_t k = 0; k < mem->nregions; k++) {   /* sorted by gpa: the gap around gpa */
         if (mem->regions[k].gpa > gpa) {
-            return mem->regions[k].gpa >> VB_PAGE_SHIFT;
+            *high = mem->regions[k].gpa >> VB_PAGE_SHIFT;
+            return;
         }
+        *low = (mem->regions[k].gpa + mem->regions[k].size) >> VB_PAGE_SHIFT;
     }
-    return UINT64_MAX;
+}
+
+int vb_ranges_extend(vb_range *open, uint64_t pfn, uint64_t low, uint64_t high)
+{
+    uint64_t start = open->gpa >> VB_PAGE_SHIFT, end = start + (open->len >> VB_PAGE_SHIFT);
+
+    if (pfn == end && end < high) {
+        open->len += VB_PAGE_SIZE;
+        return 1;
+    }
+    if (pfn + 1 == start && pfn >= low) {
+        open->gpa -= VB_PAGE_SIZE;
+        open->len += VB_PAGE_SIZE;
+        return 1;
+    }
+    return 0;
 }
 
 uint32_t vb_ranges_from_pfns(const vb_mem *mem, const uint32_t *pfns, uint32_t n, vb_range *out)
 {
     uint32_t nr = 0;
-    uint64_t end = 0, limit = 0;   /* the open range: pages [.., end), may grow to limit */
+    uint64_t low = 0, high = 0;   /* where the open range may grow: one region, or one gap */
 
     for (uint32_t k = 0; k < n; k++) {
         uint64_t pfn = pfns[k];
 
-        if (nr > 0 && pfn == end && end < limit) {
-            out[nr - 1].len += VB_PAGE_SIZE;
-            end++;
+        if (nr > 0 && vb_ranges_extend(&out[nr - 1], pfn, low, high)) {
             continue;
         }
         out[nr++] = (vb_range){pfn << VB_PAGE_SHIFT, VB_PAGE_SIZE};
-        end = pfn + 1;
-        limit = vb_ranges_run_limit(mem, pfn);
+        vb_ranges_run_bounds(mem, pfn, &low, &high);
     }
     return nr;
 }

@@ -212,9 +212,10 @@ int vb_vq_should_signal(vb_vq *vq);
 int vb_vq_pending(const vb_vq *vq);
 
 /* ---- ranges and the ballooned bitmap ------------------------------------ */
-/* Consecutive ascending PFNs in input order as ranges (split where a region
- * of mem ends; mem may be NULL), as the PFN32 sink makes them.  out[] must
- * hold n.  Returns the number of ranges. */
+/* PFNs as ranges, as the PFN32 sink makes them: runs of consecutive pages,
+ * ascending or descending, in input order (split where a region of mem
+ * ends; mem may be NULL); every input page in exactly one range.  out[]
+ * must hold n.  Returns the number of ranges. */
 uint32_t vb_ranges_from_pfns(const vb_mem *mem, const uint32_t *pfns, uint32_t n, vb_range *out);
 /* Sorts ranges by gpa and merges those that overlap or touch within one
  * region (or both outside guest memory).  Returns the new count. */

@@ -40,10 +40,14 @@ static inline void vb_seterr(char *err, size_t errlen, const char *fmt, ...)
  * search (mem.c). */
 int vb_mem_find_gpa(const vb_mem *mem, uint64_t gpa);
 
-/* End (exclusive, in pages) of the run of consecutive pages a range
- * starting at page pfn may grow to: the end of its region, or for a page
- * outside guest memory the start of the next region (ranges.c). */
-uint64_t vb_ranges_run_limit(const vb_mem *mem, uint64_t pfn);
+/* Where a run of consecutive pages starting at pfn may grow: [low, high),
+ * its region, or the gap between regions it lies in; ranges.c. */
+void vb_ranges_run_bounds(const vb_mem *mem, uint64_t pfn, uint64_t *low, uint64_t *high);
+/* Grows the open range by pfn when it is the page just above or just below
+ * it, within [low, high): 1, else 0.  Consecutive pages coalesce whether
+ * the guest lists them ascending or descending (Linux hands its pages over
+ * in descending runs). */
+int vb_ranges_extend(vb_range *open, uint64_t pfn, uint64_t low, uint64_t high);
 
 /* Frees a region's huge page tracking arrays and resets it to "no huge
  * pages" (granule 4 KiB).  In mem.c, which owns every array of a region;

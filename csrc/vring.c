@@ -212,14 +212,15 @@ static void sink_refuse(struct sink *s, uint64_t gpa, uint64_t len, int why)
 }
 
 /* PFN32: device-readable arrays of le32 PFNs, coalesced into ranges of
- * consecutive ascending pages within one buffer and one region (or one gap
- * between regions): in input order, nothing dropped (vb_balloon_update
- * judges each page). */
+ * consecutive pages, ascending or descending (Linux hands them over in
+ * descending runs), within one buffer and one region (or one gap between
+ * regions): ranges in input order, each page of the buffer in exactly one,
+ * nothing dropped (vb_balloon_update judges each page). */
 struct pfn_sink {
     struct sink base;
     vb_range *out;
     const vb_mem *mem;
-    uint64_t end, limit;   /* the open range: pages [.., end), may grow to limit */
+    uint64_t low, high;    /* where the open range may grow (vb_ranges_run_bounds) */
 };
 
 static int take_pfns(struct sink *base, const vb_mem *mem, uint16_t head, const char *where,
@@ -258,14 +259,11 @@ static int take_pfns(struct sink *base, const vb_mem *mem, uint16_t head, const 
 
             memcpy(&raw, src + 4 * (size_t)k, 4);   /* each PFN read once */
             pfn = le32toh(raw);
-            if (base->out_count > 0 && pfn == s->end && s->end < s->limit) {
-                out[base->out_count - 1].len += VB_PAGE_SIZE;
-                s->end++;
+            if (base->out_count > 0 && vb_ranges_extend(&out[base->out_count - 1], pfn, s->low, s->high)) {
                 continue;
             }
             out[base->out_count++] = (vb_range){pfn << VB_PAGE_SHIFT, VB_PAGE_SIZE};
-            s->end = pfn + 1;
-            s->limit = vb_ranges_run_limit(s->mem, pfn);
+            vb_ranges_run_bounds(s->mem, pfn, &s->low, &s->high);
         }
     } else {
         base->fits = 0;

@@ -376,6 +376,13 @@ static uint32_t fz_range_pfns(const vb_range *ranges, uint32_t n, uint32_t *pfns
     return out;
 }
 
+static int fz_cmp_u32(const void *x, const void *y)
+{
+    uint32_t a = *(const uint32_t *)x, b = *(const uint32_t *)y;
+
+    return (a > b) - (a < b);
+}
+
 /* vb_balloon_update of n PFNs (as the PFN32 sink makes ranges of them),
  * checked as above; returns how many pages changed (in changed[], which
  * has room for n, as PFNs in input order). */
@@ -386,13 +393,32 @@ static uint32_t fz_balloon_update(fz_guest *g, const uint32_t *pfns, uint32_t n,
     vb_update st;
     int nr;
 
-    FZ_CHECK(in != NULL && out != NULL, "out of memory");
+    uint32_t *order = malloc((n ? n : 1) * sizeof(uint32_t)), *a = malloc((n ? n : 1) * sizeof(uint32_t));
+
+    FZ_CHECK(in != NULL && out != NULL && order != NULL && a != NULL, "out of memory");
+    /* The ranges hold every input page exactly once (a run may be read
+     * descending and stored ascending): the same multiset... */
+    FZ_CHECK(fz_range_pfns(in, nin, order, n) == n, "ranges from %u PFNs hold another count", n);
+    memcpy(a, pfns, n * sizeof(uint32_t));
+    qsort(a, n, sizeof(uint32_t), fz_cmp_u32);
+    {
+        uint32_t *b = malloc((n ? n : 1) * sizeof(uint32_t));
+
+        FZ_CHECK(b != NULL, "out of memory");
+        memcpy(b, order, n * sizeof(uint32_t));
+        qsort(b, n, sizeof(uint32_t), fz_cmp_u32);
+        FZ_CHECK(memcmp(a, b, n * sizeof(uint32_t)) == 0, "ranges from PFNs are not the same pages");
+        free(b);
+    }
     nr = vb_balloon_update(g->mem, in, nin, inflate, 0, out, n, &st);
     FZ_CHECK(nr >= 0, "vb_balloon_update refused room for %u pages", n);
     nchanged = fz_range_pfns(out, (uint32_t)nr, changed, n);
     FZ_CHECK(st.changed_pages == nchanged, "changed_pages %" PRIu64 ", ranges hold %u", st.changed_pages, nchanged);
-    fz_check_balloon_update(g, pfns, n, inflate, changed, nchanged, (uint32_t)st.invalid_pages,
+    /* ...and the update judges them page by page in the ranges' order. */
+    fz_check_balloon_update(g, order, n, inflate, changed, nchanged, (uint32_t)st.invalid_pages,
                             (uint32_t)st.unchanged_pages);
+    free(order);
+    free(a);
     free(in);
     free(out);
     return nchanged;
