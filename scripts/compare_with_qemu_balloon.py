@@ -62,7 +62,7 @@ from pathlib import Path
 import trio
 
 from vhostballoon.ctl import ControlClient
-from vhostballoon.testing.host import THP_SYSFS, HugePagesUnavailable, reserved_huge_pages, shmem_thp, sysfs_choice, vmstat
+from vhostballoon.testing.host import THP_SYSFS, HugePagesUnavailable, reserved_huge_pages, shmem_thp, smaps_total, sysfs_choice, vmstat
 from vhostballoon.testing.qemu import (
     GUEST_DIR,
     QemuGuest,
@@ -209,21 +209,6 @@ async def guest_figures(guest: QemuGuest) -> tuple[int, int]:
     return stall, blocks
 
 
-def pmd_mapped(pid: int) -> int:
-    """ShmemPmdMapped bytes of QEMU's mappings of guest RAM (THP in use)."""
-    total, current = 0, False
-    try:
-        with open(f"/proc/{pid}/smaps") as f:
-            for line in f:
-                if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-                    current = "vb-compare-ram" in line or "memfd:mem" in line
-                elif current and line.startswith("ShmemPmdMapped:"):
-                    total += int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return total
-
-
 def hugepages_free() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -251,7 +236,7 @@ async def scenario(guest: QemuGuest, balloon, args) -> dict:
     await wait_actual(balloon, mem, 30)  # the device is up and the balloon empty
     stall0, order9_before = await guest_figures(guest)
     before = guest.host_allocated()
-    thp_backed = pmd_mapped(guest.process.pid)
+    thp_backed = smaps_total(guest.process.pid, "vb-compare-ram", "ShmemPmdMapped")
     if args.backing == "thp" and thp_backed < before // 2:
         raise RunFailed(f"guest RAM should be THP-backed but only {thp_backed // MiB} MiB are PMD-mapped "
                         f"(shmem_enabled: {sysfs_choice(os.path.join(THP_SYSFS, 'shmem_enabled'))}; "

@@ -19,7 +19,8 @@ import pytest
 import trio
 
 from vhostballoon.ctl import ControlClient
-from vhostballoon.testing.qemu import build_patched_qemu, provisioning_problem
+from vhostballoon.testing.host import THP_SYSFS, sysfs_choice
+from vhostballoon.testing.qemu import GUEST_RAM_NAME, build_patched_qemu, provisioning_problem
 
 PROBLEM = provisioning_problem()
 REPO = Path(__file__).resolve().parents[2]
@@ -190,3 +191,23 @@ def patched_qemu() -> Path:
     if qemu is None:
         pytest.skip(f"patched QEMU not available: {why}")
     return qemu
+
+
+def shmem_knobs() -> tuple[str | None, ...]:
+    """The shmem THP knobs the shmem_thp_advise fixture sets."""
+    return tuple(sysfs_choice(os.path.join(THP_SYSFS, p)) for p in ("shmem_enabled", "hugepages-2048kB/shmem_enabled"))
+
+
+@pytest.fixture
+def thp_guest_ram(shmem_thp_advise):
+    """A 1 GiB memfd for guest RAM, shmem THP on advise (sysfs restored after).
+    The knobs are machine-wide: the test fails, saying so, if anything else
+    changed them meanwhile (its figures would not be THP figures)."""
+    knobs = shmem_knobs()
+    fd = os.memfd_create(GUEST_RAM_NAME, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 1 << 30)
+        yield fd
+    finally:
+        os.close(fd)
+    assert shmem_knobs() == knobs, f"another process changed the shmem THP knobs during the test: {knobs} -> {shmem_knobs()}"

@@ -11,7 +11,6 @@ does not offer, or the test turns off, range ballooning).
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -19,8 +18,9 @@ import pytest
 import trio
 
 from vhostballoon.device.features import FEATURE_FLAGS
-from vhostballoon.testing.host import HugePagesUnavailable, reserved_huge_pages
+from vhostballoon.testing.host import HugePagesUnavailable, meminfo, reserved_huge_pages, smaps_total, vmstat
 from vhostballoon.testing.qemu import (
+    GUEST_RAM_NAME,
     GUEST_612_DIR,
     GUEST_DIR,
     QemuGuest,
@@ -303,41 +303,7 @@ async def test_module_on_linux_612(tmp_path, backend_factory, initrd_612):
 # ---- range ballooning on huge-page-backed guest RAM -----------------------------------
 
 needs_ranges = pytest.mark.skipif(not BACKEND_HAS_RANGES, reason="this back-end does not offer range ballooning")
-RAM_NAME = "vbg-guest-ram"
 HUGE = 2 * MiB
-
-
-def host_vmstat(key: str) -> int:
-    with open("/proc/vmstat") as f:
-        return next(int(line.split()[1]) for line in f if line.split()[0] == key)
-
-
-def host_meminfo(key: str) -> int:
-    with open("/proc/meminfo") as f:
-        return next(int(line.split()[1]) for line in f if line.split(":")[0] == key)
-
-
-def shmem_pmd_mapped(pid: int) -> int:
-    """Bytes of our guest-RAM memfd that QEMU maps with PMD-size THPs."""
-    total, current = 0, False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            if "-" in line.split()[0] and len(line.split()[0]) > 10 and ":" not in line.split()[0]:
-                current = RAM_NAME in line
-            elif current and line.startswith("ShmemPmdMapped:"):
-                total += int(line.split()[1]) * 1024
-    return total
-
-
-@pytest.fixture
-def thp_guest_ram(shmem_thp_advise):
-    """A 1 GiB memfd for guest RAM, shmem THP on advise (sysfs restored after)."""
-    fd = os.memfd_create(RAM_NAME, os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, GiB)
-        yield fd
-    finally:
-        os.close(fd)
 
 
 @needs_ranges
@@ -352,19 +318,19 @@ async def test_ranges_free_whole_thps_split_none_and_a_partial_deflate_splits_on
     try:
         assert (await guest.run("fill 800", timeout=120)).rc == 0
         await guest.run("unfill")
-        pmd = shmem_pmd_mapped(guest.process.pid)
+        pmd = smaps_total(guest.process.pid, GUEST_RAM_NAME, "ShmemPmdMapped")
         knob = open("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read().strip()
         # The knob is machine-wide: a test elsewhere that sets it to never
         # meanwhile leaves guest RAM partly without THPs (rerun then).
         assert pmd >= 800 * MiB, (
             f"guest RAM should be THP-backed after fill 800: ShmemPmdMapped {pmd / MiB:.0f} MiB; shmem_enabled now: {knob}"
         )
-        host0, splits0 = guest.host_allocated(), host_vmstat("thp_split_page")
+        host0, splits0 = guest.host_allocated(), vmstat("thp_split_page")
 
         info, seconds = await backend.balloon_and_time(512 * MiB)
         await trio.sleep(0.5)
         info = await backend.query()
-        freed, splits = host0 - guest.host_allocated(), host_vmstat("thp_split_page") - splits0
+        freed, splits = host0 - guest.host_allocated(), vmstat("thp_split_page") - splits0
         print(f"\nranges, THP-backed RAM: 1 GiB -> 512 MiB in {seconds:.2f} s; host freed {freed / MiB:.1f} MiB, "
               f"{info['huge-pages-freed-whole']} huge pages whole, thp_split_page +{splits} "
               f"(shmem_enabled may be changed by others: rerun if this fails on splits)")
@@ -400,8 +366,8 @@ HUGETLB_PAGES = 512 + 8  # 1 GiB of guest RAM and a little room
 @pytest.fixture
 def hugetlb_pages():
     """HUGETLB_PAGES more persistent 2 MiB huge pages, given back after."""
-    if host_meminfo("Hugepagesize") != HUGE // 1024:
-        pytest.skip(f"the default huge page size here is not 2 MiB: {host_meminfo('Hugepagesize')} kB")
+    if meminfo("Hugepagesize") != HUGE:
+        pytest.skip(f"the default huge page size here is not 2 MiB: {meminfo('Hugepagesize')} bytes")
     try:
         with reserved_huge_pages(HUGETLB_PAGES):
             yield
@@ -419,12 +385,12 @@ async def test_ranges_give_hugetlbfs_huge_pages_back(tmp_path, backend_factory, 
     try:
         assert (await guest.run("fill 800", timeout=120)).rc == 0
         await guest.run("unfill")
-        free0 = host_meminfo("HugePages_Free")
+        free0 = meminfo("HugePages_Free")
         info, seconds = await backend.balloon_and_time(512 * MiB)
         with trio.move_on_after(10):
-            while host_meminfo("HugePages_Free") - free0 < 250:
+            while meminfo("HugePages_Free") - free0 < 250:
                 await trio.sleep(0.1)
-        back = host_meminfo("HugePages_Free") - free0
+        back = meminfo("HugePages_Free") - free0
         info = await backend.query()
         print(f"\nranges, hugetlbfs RAM: 1 GiB -> 512 MiB in {seconds:.2f} s; {back} huge pages "
               f"({back * 2} MiB) back in HugePages_Free; freed-hugetlbfs-bytes {info['freed-hugetlbfs-bytes'] / MiB:.0f} MiB")

@@ -25,21 +25,19 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 import time
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
-from vhostballoon.testing.host import THP_SYSFS, sysfs_choice, vmstat
-from vhostballoon.testing.qemu import QemuGuest, balloon_vhost_user_args
+from vhostballoon.testing.host import smaps_total, vmstat
+from vhostballoon.testing.qemu import GUEST_RAM_NAME, QemuGuest, balloon_vhost_user_args
 
 MiB = 1 << 20
 GiB = 1 << 30
 HUGE = 2 * MiB  # x86-64 PMD size
 TARGET = 512 * MiB
-RAM_NAME = "vb-guest-ram"
 POLL = 0.05
 # The balloon alone: with free page reporting the guest would hand back the
 # 800 MiB it just freed before the balloon even starts.
@@ -47,23 +45,6 @@ BALLOON_ONLY = ("--features=-reporting",)
 
 
 # ---- the kernel's figures ----------------------------------------------------------
-
-
-def smaps_total(pid: int | str, path_part: str, field: str) -> int:
-    """Sum of ``field`` (bytes) over the mappings of pid whose path contains path_part."""
-    total, current = 0, False
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-                current = path_part in line
-            elif current and line.startswith(field + ":"):
-                total += int(line.split()[1]) * 1024
-    return total
-
-
-def shmem_knobs() -> tuple[str | None, ...]:
-    """The shmem THP knobs the shmem_thp_advise fixture sets."""
-    return tuple(sysfs_choice(os.path.join(THP_SYSFS, p)) for p in ("shmem_enabled", "hugepages-2048kB/shmem_enabled"))
 
 
 def host_gets_shmem_thp() -> bool:
@@ -81,21 +62,6 @@ def host_gets_shmem_thp() -> bool:
 
 
 # ---- fixtures -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def thp_guest_ram(shmem_thp_advise):
-    """A 1 GiB memfd for guest RAM, shmem THP on advise (sysfs restored after).
-    The knobs are machine-wide: the test fails, saying so, if anything else
-    changed them meanwhile (its figures would not be THP figures)."""
-    knobs = shmem_knobs()
-    fd = os.memfd_create(RAM_NAME, os.MFD_CLOEXEC)
-    try:
-        os.ftruncate(fd, GiB)
-        yield fd
-    finally:
-        os.close(fd)
-    assert shmem_knobs() == knobs, f"another process changed the shmem THP knobs during the test: {knobs} -> {shmem_knobs()}"
 
 
 @asynccontextmanager
@@ -117,7 +83,7 @@ async def fill_with_huge_pages(guest: QemuGuest, backend) -> int:
     assert (await guest.run("unfill")).rc == 0
     host = guest.host_allocated()
     assert os.stat(guest.memfd_path()).st_blocks * 512 == host  # QEMU really maps our memfd
-    pmd = smaps_total(guest.process.pid, RAM_NAME, "ShmemPmdMapped")
+    pmd = smaps_total(guest.process.pid, GUEST_RAM_NAME, "ShmemPmdMapped")
     if pmd == 0 and not host_gets_shmem_thp():
         pytest.skip("THP not available: a MADV_HUGEPAGE memfd of our own got no PMD-mapped huge page")
     assert pmd >= 800 * MiB, f"guest RAM should be THP-backed after fill 800: ShmemPmdMapped {pmd / MiB:.0f} MiB"

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import trio
 
 from vhostballoon.testing.qemu import balloon_guest
 

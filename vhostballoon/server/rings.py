@@ -284,7 +284,7 @@ class Rings:
     def stop(self, q: QueueState) -> None:
         """Stop serving q.  A C thread finishes its batch first: once the
         caller holds the memory lock it no longer touches the queue; it is
-        joined in the background (or by close())."""
+        joined in the background (or by the session's aclose())."""
         server, q.server = q.server, None
         if server is None:
             return
@@ -297,7 +297,7 @@ class Rings:
     async def _reap(self, q: QueueState, server: CThreadServer) -> None:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(server.worker.join)
-        if (q, server) in self._stopping:  # close() may have reaped it meanwhile
+        if (q, server) in self._stopping:  # the session's aclose() may have reaped it meanwhile
             self._stopping.remove((q, server))
             self._retire(q, server)
 

@@ -167,7 +167,7 @@ class FrontendSession:
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
-            # closed: close() reaps what is left itself
+            # closed: aclose() reaps what is left itself
             self.nursery = self.rings.nursery = self.flusher.nursery = self.config.nursery = None
             with trio.CancelScope(shield=True):
                 await self.aclose()
@@ -184,17 +184,6 @@ class FrontendSession:
         # No task is left: the last snapshot sees a quiet table.  The table
         # itself is unmapped on the event loop, where query-balloon reads it.
         await trio.to_thread.run_sync(self.persist.close)
-        self.memory.close()
-        self.stream.close()
-
-    def close(self) -> None:
-        """The same as aclose(), blocking."""
-        self._stop_front()
-        self.rings.stop_all()
-        self.rings.close_fds()
-        self.rings.retire_stopped()
-        self._close_rest()
-        self.persist.close()
         self.memory.close()
         self.stream.close()
 

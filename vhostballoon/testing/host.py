@@ -26,6 +26,19 @@ def meminfo(key: str) -> int:
     raise KeyError(key)
 
 
+def smaps_total(pid: int | str, path_part: str, field: str) -> int:
+    """Sum of ``field`` (bytes) over the mappings of pid whose path contains
+    path_part (e.g. ``ShmemPmdMapped`` of guest RAM: THPs in use)."""
+    total, current = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                current = path_part in line
+            elif current and line.startswith(field + ":"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
 def vmstat(key: str) -> int:
     """A /proc/vmstat counter (e.g. thp_split_page)."""
     with open("/proc/vmstat") as f:

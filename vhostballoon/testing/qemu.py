@@ -46,6 +46,11 @@ def provisioning_problem() -> str | None:
     return None
 
 
+# The name of a memfd the caller creates for guest RAM (QemuGuest.start(ram_fd=...)):
+# it finds QEMU's mapping of it in /proc/PID/smaps.
+GUEST_RAM_NAME = "vb-guest-ram"
+
+
 def build_patched_qemu(patches: list[Path], build_script: Path) -> tuple[Path | None, str]:
     """The ``qemu-system-x86_64`` that ``build_script`` (the rig's
     build-qemu.sh) builds with ``patches`` applied, or (None, why not).
